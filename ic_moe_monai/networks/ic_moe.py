@@ -1,0 +1,308 @@
+"""IC-MoE: the Segment Anything Model adapted to CT/MRI by a mixture of experts.
+
+Follows the claims of "Intelligent Communication Mixture-of-Experts Boosted-Medical Image Segmentation
+Foundation Model" (Zhang, Chen, Yuan, Tian, Feng; arXiv:2510.17684, 2025): basic, semantic and adaptive experts
+on the high-level blocks of SAM's frozen image encoder, fused per token by pixel-probability adaptive voting,
+trained with label-consistency routing, load balancing and semantic-guided contrastive learning. Built on
+"Segment Anything" (Kirillov et al., ICCV 2023). See ``DESIGN.md`` §3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ic_moe_monai.networks.experts import AdaptiveExpert, BasicExpert, Expert, SemanticExpert
+from ic_moe_monai.networks.sam_weights import (
+    ENCODER_CONFIGS,
+    LoadReport,
+    build_image_encoder,
+    build_mask_decoder,
+    build_prompt_encoder,
+    load_sam_checkpoint,
+)
+from ic_moe_monai.networks.voting import TopKRouter
+
+__all__ = ["ICMoE", "ICMoELayer", "count_parameters"]
+
+# SAM's pixel statistics (ImageNet, 0-255 scale); applied when feeding a pretrained SAM encoder.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class ICMoELayer(nn.Module):
+    """One IC-MoE layer: basic, semantic and adaptive experts fused per token by a top-k router.
+
+    Args:
+        dim: token width D.
+        num_classes: classes including background (K + 1).
+        hidden_dim: bottleneck width of every expert.
+        num_basic: number of basic (MLP adapter) experts.
+        num_semantic: number of semantic (class prototype) experts.
+        adaptive_dilations: one adaptive (dynamic depthwise convolution) expert per dilation.
+        top_k: experts fused per token.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        hidden_dim: int = 64,
+        num_basic: int = 2,
+        num_semantic: int = 1,
+        adaptive_dilations: Sequence[int] = (1, 3),
+        top_k: int = 2,
+    ) -> None:
+        super().__init__()
+        experts: list[Expert] = [BasicExpert(dim, hidden_dim, num_classes) for _ in range(num_basic)]
+        experts += [SemanticExpert(dim, hidden_dim, num_classes) for _ in range(num_semantic)]
+        experts += [AdaptiveExpert(dim, hidden_dim, num_classes, dilation=d) for d in adaptive_dilations]
+        if not experts:
+            raise ValueError("an IC-MoE layer needs at least one expert.")
+        self.experts = nn.ModuleList(experts)
+        self.router = TopKRouter(dim, len(experts), top_k=min(top_k, len(experts)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x ``(B, h, w, D)`` → (x + Δ, what the losses need).
+
+        Experts run densely: at bottleneck width the dense pass costs less than gathering tokens per expert,
+        and the top-k weights are exactly zero for the experts not selected.
+        """
+        deltas, votes = zip(*(expert(x) for expert in self.experts), strict=True)
+        route = self.router(x)
+        delta = (torch.stack(deltas, dim=-2) * route.weights.unsqueeze(-1)).sum(dim=-2)  # (B, h, w, D)
+        aux = {
+            "expert_logits": torch.stack(votes, dim=-2),  # (B, h, w, E, K+1)
+            "router_logits": route.logits,  # (B, h, w, E)
+            "router_weights": route.weights,  # (B, h, w, E)
+        }
+        return x + delta, aux
+
+
+class ICMoE(nn.Module):
+    """SAM with IC-MoE layers, for automatic (and optionally prompted) 2D / 2.5D segmentation.
+
+    Input ``(B, C, H, W)`` with ``H == W == img_size``: C neighbouring slices (2.5D) or one slice repeated,
+    intensities normalised to [0, 1] (CT window, MR percentiles). Output: logits ``(B, K + 1, H, W)``.
+
+    ``model.image_encoder`` is an unmodified ``segment_anything.modeling.ImageEncoderViT``: the experts sit
+    beside its blocks and are applied by :meth:`encode`. With fresh experts, ``encode(x) == image_encoder(x)``.
+
+    In ``train()`` mode :meth:`forward` returns a dict (``logits`` plus what :class:`~ic_moe_monai.losses.ICMoELoss`
+    needs); in ``eval()`` mode it returns the logits tensor alone, so MONAI inferers and tracing see a plain network.
+
+    Args:
+        num_classes: foreground classes K; the output has K + 1 channels.
+        img_size: square input size (multiple of the encoder's patch size).
+        in_channels: input channels (3 for 2.5D with one neighbour each side, as SAM's RGB).
+        encoder: ``vit_b``, ``vit_l``, ``vit_h`` (SAM / MedSAM sizes) or ``lite`` (small, trained from scratch).
+        sam_checkpoint: optional official SAM or MedSAM ``.pth`` to initialise encoder, prompt encoder, decoder.
+        freeze_encoder: keep the image encoder's weights fixed (the pretrained setting).
+        moe_blocks: indices of encoder blocks followed by an IC-MoE layer; default the second half.
+        expert_dim: bottleneck width of the experts.
+        num_basic_experts, num_semantic_experts: experts of each family per layer.
+        adaptive_dilations: one adaptive expert per dilation, per layer.
+        top_k: experts fused per token.
+        embedding_dim: width of the projection head used by the contrastive loss.
+        pixel_normalize: map [0, 1] inputs to SAM's pixel statistics before the encoder;
+            default True for SAM sizes, False for ``lite``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        img_size: int = 256,
+        in_channels: int = 3,
+        encoder: str = "vit_b",
+        sam_checkpoint: str | None = None,
+        freeze_encoder: bool = True,
+        moe_blocks: Sequence[int] | None = None,
+        expert_dim: int = 64,
+        num_basic_experts: int = 2,
+        num_semantic_experts: int = 1,
+        adaptive_dilations: Sequence[int] = (1, 3),
+        top_k: int = 2,
+        embedding_dim: int = 128,
+        pixel_normalize: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+        if encoder not in ENCODER_CONFIGS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODER_CONFIGS)}, got {encoder!r}.")
+        if sam_checkpoint and encoder == "lite":
+            raise ValueError("encoder='lite' is trained from scratch; SAM checkpoints exist for vit_b, vit_l, vit_h.")
+        cfg = ENCODER_CONFIGS[encoder]
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.in_channels = in_channels
+        self.encoder_name = encoder
+
+        self.image_encoder = build_image_encoder(encoder, img_size, in_channels)
+        self.prompt_encoder = build_prompt_encoder(encoder, img_size)
+        self.mask_decoder = build_mask_decoder(encoder, num_classes)
+        self.load_report: LoadReport | None = None
+        if sam_checkpoint:
+            self.load_report = load_sam_checkpoint(
+                sam_checkpoint, self.image_encoder, self.prompt_encoder, self.mask_decoder, encoder
+            )
+
+        depth = cfg.depth
+        blocks = list(range(depth // 2, depth)) if moe_blocks is None else sorted(set(moe_blocks))
+        if any(not 0 <= b < depth for b in blocks):
+            raise ValueError(f"moe_blocks must lie in [0, {depth}), got {blocks}.")
+        self.moe_blocks = blocks
+        self.moe_layers = nn.ModuleDict(
+            {
+                str(b): ICMoELayer(
+                    cfg.embed_dim,
+                    num_classes + 1,
+                    hidden_dim=expert_dim,
+                    num_basic=num_basic_experts,
+                    num_semantic=num_semantic_experts,
+                    adaptive_dilations=adaptive_dilations,
+                    top_k=top_k,
+                )
+                for b in blocks
+            }
+        )
+        self.projection_head = nn.Sequential(
+            nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, embedding_dim)
+        )
+
+        if pixel_normalize is None:
+            pixel_normalize = encoder != "lite"
+        self.pixel_normalize = pixel_normalize
+        mean = (
+            torch.tensor(SAM_PIXEL_MEAN).mean().repeat(in_channels)
+            if in_channels != 3
+            else torch.tensor(SAM_PIXEL_MEAN)
+        )
+        std = (
+            torch.tensor(SAM_PIXEL_STD).mean().repeat(in_channels) if in_channels != 3 else torch.tensor(SAM_PIXEL_STD)
+        )
+        self.register_buffer("pixel_mean", mean.view(1, -1, 1, 1) / 255.0, persistent=False)
+        self.register_buffer("pixel_std", std.view(1, -1, 1, 1) / 255.0, persistent=False)
+
+        if freeze_encoder:
+            self.image_encoder.requires_grad_(False)
+        self.prompt_encoder.requires_grad_(False)  # SAM's prompt encoder stays as pretrained
+        self.mask_decoder.iou_prediction_head.requires_grad_(False)  # kept for checkpoints, unused
+
+    # ------------------------------------------------------------------------------------------------ encoder
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] intensities → the encoder's input scale (SAM's pixel statistics, or unchanged for ``lite``)."""
+        if not self.pixel_normalize:
+            return x
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Preprocessed image ``(B, C, H, W)`` → final token grid ``(B, h, w, D)`` and each IC-MoE layer's outputs."""
+        enc = self.image_encoder
+        tokens = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            tokens = tokens + enc.pos_embed
+        aux = []
+        for i, block in enumerate(enc.blocks):
+            tokens = block(tokens)
+            if str(i) in self.moe_layers:
+                tokens, layer_aux = self.moe_layers[str(i)](tokens)
+                aux.append(layer_aux)
+        return tokens, aux
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied."""
+        tokens, _ = self.encode_tokens(x)
+        return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
+
+    # ------------------------------------------------------------------------------------------------ decoder
+    def embed_prompts(
+        self,
+        batch_size: int,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse ``(B, N, C)`` and dense ``(B, C, h, w)`` prompt embeddings; no prompt gives N = 0."""
+        pe = self.prompt_encoder
+        if points is None and boxes is None:
+            weight = pe.no_mask_embed.weight
+            sparse = weight.new_zeros(batch_size, 0, pe.embed_dim)
+            dense = weight.reshape(1, -1, 1, 1).expand(batch_size, -1, *pe.image_embedding_size)
+            return sparse, dense
+        if points is not None:
+            if point_labels is None:
+                raise ValueError("points need point_labels (1 foreground, 0 background, -1 padding).")
+            if points.shape[:2] != point_labels.shape[:2] or points.shape[0] != batch_size:
+                raise ValueError(
+                    f"points {tuple(points.shape)} and point_labels {tuple(point_labels.shape)} must be "
+                    f"(B, N, 2) and (B, N) with B = {batch_size}."
+                )
+            points = (points.float(), point_labels)
+        if boxes is not None and boxes.shape != (batch_size, 4):
+            raise ValueError(f"boxes must be (B, 4) = ({batch_size}, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}.")
+        return pe(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
+
+    def decode(self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """SAM's mask decoder run batch-aligned (image i with prompt i) → low-res logits ``(B, K+1, 4h, 4w)``.
+
+        ``MaskDecoder.predict_masks`` repeats one image embedding per prompt; here each image has its own
+        (possibly empty) prompt, so the same steps run with the batch dimension kept aligned.
+        """
+        md = self.mask_decoder
+        b, c, h, w = embedding.shape
+        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        src = embedding + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        hs, src = md.transformer(src, pos, tokens)
+        mask_tokens = hs[:, 1 : 1 + md.num_mask_tokens, :]
+        upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+        hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
+        return (hyper @ upscaled.flatten(2)).reshape(b, md.num_mask_tokens, *upscaled.shape[-2:])
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """
+        Args:
+            x: ``(B, in_channels, img_size, img_size)`` images with intensities in [0, 1].
+            points: optional ``(B, N, 2)`` click coordinates (x, y) in input pixels.
+            point_labels: ``(B, N)``: 1 foreground, 0 background, -1 padding (no point).
+            boxes: optional ``(B, 4)`` boxes ``x0, y0, x1, y1`` in input pixels.
+
+        Returns:
+            eval mode: logits ``(B, K+1, H, W)``. Train mode: a dict with ``logits`` and, stacked over the L
+            IC-MoE layers, ``expert_logits`` ``(L, B, h, w, E, K+1)``, ``router_logits`` and ``router_weights``
+            ``(L, B, h, w, E)``, plus ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"ICMoE expects input (B, {self.in_channels}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
+            )
+        tokens, aux = self.encode_tokens(self.preprocess(x))
+        embedding = self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
+        sparse, dense = self.embed_prompts(x.shape[0], points, point_labels, boxes)
+        low_res = self.decode(embedding, sparse, dense)
+        logits = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if not self.training:
+            return logits
+        out = {"logits": logits, "embeddings": self.projection_head(tokens)}
+        for key in ("expert_logits", "router_logits", "router_weights"):
+            out[key] = torch.stack([layer[key] for layer in aux], dim=0)
+        return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
