@@ -1,0 +1,166 @@
+"""Ignite / MONAI engine handlers used by the bundle's configs."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
+
+from ic_moe_monai.data import case_name
+from ic_moe_monai.evaluation import case_metrics, write_reports
+
+__all__ = ["CaseMetricsWriter", "LossTermsAverager", "ResumeCheckpointLoader", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class LossTermsAverager:
+    """Average each term of :class:`~ic_moe_monai.losses.ICMoELoss` over an epoch into ``engine.state.metrics``
+    as ``loss_<term>``, so MONAI's StatsHandler, TensorBoardStatsHandler and MLFlowHandler log every term.
+
+    Attach it before those handlers (handlers run in attach order).
+
+    Args:
+        loss: the loss object; its ``last_terms`` dict is read after every iteration.
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, loss: Any, prefix: str = "loss_") -> None:
+        self.loss = loss
+        self.prefix = prefix
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums.clear()
+        self._count = 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        for name, value in getattr(self.loss, "last_terms", {}).items():
+            self._sums[name] += value
+        self._count += 1
+
+    def _publish(self, engine: Engine) -> None:
+        for name, total in self._sums.items():
+            engine.state.metrics[f"{self.prefix}{name}"] = total / max(self._count, 1)
+
+
+def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path | None:
+    """The newest ``<prefix>*.pt`` in ``ckpt_dir`` (by the epoch in its name, then modification time)."""
+    candidates = list(Path(ckpt_dir).glob(f"{prefix}*.pt")) if Path(ckpt_dir).is_dir() else []
+    if not candidates:
+        return None
+
+    def order(path: Path) -> tuple[int, float]:
+        digits = "".join(ch if ch.isdigit() else " " for ch in path.stem).split()
+        return (int(digits[-1]) if digits else -1, path.stat().st_mtime)
+
+    return max(candidates, key=order)
+
+
+class ResumeCheckpointLoader:
+    """Resume an interrupted training: load the newest training checkpoint of ``ckpt_dir`` when the engine starts.
+
+    Training checkpoints are written by MONAI's ``CheckpointSaver(save_interval=..., file_prefix="checkpoint")``
+    with the network, optimiser, scheduler and trainer state; the trainer's epoch and iteration are restored, so
+    ``max_epochs`` counts from the start of the first run. Nothing happens when there is no checkpoint.
+    Loading goes through MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``).
+
+    Args:
+        ckpt_dir: folder of the training checkpoints.
+        load_dict: objects to restore, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer}``.
+        enabled: set False to always start afresh.
+        map_location: passed to ``torch.load``.
+    """
+
+    def __init__(
+        self, ckpt_dir: str | Path, load_dict: Mapping[str, Any], enabled: bool = True, map_location: Any = "cpu"
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.load_dict = dict(load_dict)
+        self.enabled = enabled
+        self.map_location = map_location
+        self.loaded: Path | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            logger.info("resume: no training checkpoint in %s, starting afresh.", self.ckpt_dir)
+            return
+        logger.info("resume: loading %s", path)
+        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        self.loaded = path
+
+
+class CaseMetricsWriter:
+    """Per-case, per-class Dice and HD95 of an evaluation run, written as CSV and JSON when the run ends.
+
+    Reads ``pred`` and ``label`` (one-hot ``(K+1, ...)`` or label maps ``(1, ...)``) from each decollated item of
+    ``engine.state.output``; the case name and voxel spacing come from the label's metadata. Under
+    ``torch.distributed``, rows are gathered and rank 0 writes.
+
+    Args:
+        output_dir: where ``metrics_per_case.csv``, ``metrics_summary.csv`` and ``metrics_summary.json`` go.
+        class_names: ``{class_id: name}`` of the foreground classes.
+        convention: ``"monai"`` (HD95 in mm) or ``"samed"`` (TransUNet / SAMed rules, HD95 in voxels).
+    """
+
+    def __init__(self, output_dir: str | Path, class_names: Mapping[int | str, str], convention: str = "monai") -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = {int(k): v for k, v in class_names.items() if int(k) != 0}
+        self.convention = convention
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, dict[str, float]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in items:
+            pred, label = _label_map(item["pred"]), _label_map(item["label"])
+            meta = getattr(item["label"], "meta", {})
+            affine = np.asarray(meta.get("affine", np.eye(4)))
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).tolist()
+            name = case_name(str(meta.get("filename_or_obj", f"case_{len(self.rows)}")))
+            metrics = case_metrics(pred, label, list(self.class_names), spacing, self.convention)
+            row: dict[str, Any] = {"case": name}
+            for c, cname in self.class_names.items():
+                row[f"{cname}_dice"] = metrics[c]["dice"]
+                row[f"{cname}_hd95"] = metrics[c]["hd95"]
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, rows)
+            if dist.get_rank() != 0:
+                return
+            rows = [r for part in gathered for r in part]
+        rows = sorted(rows, key=lambda r: r["case"])
+        self.summary = write_reports(rows, self.class_names, self.output_dir, self.convention)
+        logger.info("per-case metrics of %d case(s) written to %s", len(rows), self.output_dir)
+
+
+def _label_map(value: Any) -> np.ndarray:
+    array = torch.as_tensor(value).detach().cpu()
+    array = array.argmax(dim=0) if array.shape[0] > 1 else array[0]  # one-hot / probabilities, or a label map
+    return array.numpy().astype(np.int64)
