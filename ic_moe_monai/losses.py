@@ -38,9 +38,9 @@ def token_labels(target: torch.Tensor, num_classes: int, grid: tuple[int, int]) 
 
 
 def expert_supervision_loss(expert_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy of every expert's vote ``(L, B, h, w, E, C)`` against token labels ``(B, h, w, C)``."""
+    """Soft cross-entropy of every expert's vote ``(B, L, h, w, E, C)`` against token labels ``(B, h, w, C)``."""
     log_p = F.log_softmax(expert_logits, dim=-1)
-    return -(log_p * labels[None, :, :, :, None, :]).sum(dim=-1).mean()
+    return -(log_p * labels[:, None, :, :, None, :]).sum(dim=-1).mean()
 
 
 def router_consistency_target(
@@ -62,8 +62,8 @@ def router_consistency_target(
 def router_consistency_loss(
     router_logits: torch.Tensor, expert_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5
 ) -> torch.Tensor:
-    """Cross-entropy between the router ``(L, B, h, w, E)`` and the label-consistency target."""
-    target = router_consistency_target(expert_logits, labels.unsqueeze(0), temperature)
+    """Cross-entropy between the router ``(B, L, h, w, E)`` and the label-consistency target."""
+    target = router_consistency_target(expert_logits, labels.unsqueeze(1), temperature)
     return -(target * F.log_softmax(router_logits, dim=-1)).sum(dim=-1).mean()
 
 
@@ -74,11 +74,11 @@ def load_balancing_loss(router_logits: torch.Tensor, router_weights: torch.Tenso
     perfectly uniform routing and grows as the routing collapses onto few experts (up to E / k).
 
     Args:
-        router_logits, router_weights: ``(L, ..., E)``; the weights are non-zero exactly on the selected experts.
+        router_logits, router_weights: ``(B, L, ..., E)``; the weights are non-zero exactly on the selected experts.
     """
-    num_layers, num_experts = router_logits.shape[0], router_logits.shape[-1]
-    logits = router_logits.reshape(num_layers, -1, num_experts)
-    selected = (router_weights.reshape(num_layers, -1, num_experts) > 0).float()
+    num_layers, num_experts = router_logits.shape[1], router_logits.shape[-1]
+    logits = router_logits.transpose(0, 1).reshape(num_layers, -1, num_experts)
+    selected = (router_weights.transpose(0, 1).reshape(num_layers, -1, num_experts) > 0).float()
     share = selected.sum(dim=1) / selected.sum(dim=(1, 2)).unsqueeze(-1)  # (L, E): f_e, sums to 1
     mean_prob = F.softmax(logits, dim=-1).mean(dim=1)  # (L, E): P_e
     return (num_experts * (share * mean_prob).sum(dim=-1)).mean()

@@ -31,7 +31,7 @@ def test_top_k_selects_exactly_k_experts_per_token():
 
 def _routing(logits: torch.Tensor, k: int = 2):
     out = TopKRouter(dim=1, num_experts=logits.shape[-1], top_k=k).route(logits)
-    return out.logits[None], out.weights[None]  # one layer
+    return out.logits[:, None], out.weights[:, None]  # (tokens as batch, one layer, E)
 
 
 def test_load_balancing_minimal_for_uniform_and_grows_with_collapse():
@@ -65,7 +65,7 @@ def test_router_target_prefers_the_expert_that_predicts_the_label():
 
 def test_expert_supervision_rewards_correct_votes():
     labels = token_labels(torch.randint(0, 3, (2, 1, 32, 32)), 3, (8, 8))
-    right = torch.log(labels.clamp_min(1e-3))[None, :, :, :, None, :].expand(1, 2, 8, 8, 4, 3)
+    right = torch.log(labels.clamp_min(1e-3))[:, None, :, :, None, :].expand(2, 1, 8, 8, 4, 3)
     wrong = right.flip(-1)
     assert expert_supervision_loss(right, labels) < expert_supervision_loss(wrong, labels)
 

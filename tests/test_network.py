@@ -35,9 +35,9 @@ def test_output_shapes(encoder, img_size, grid):
     out = model(x)
     layers = len(model.moe_blocks)
     assert out["logits"].shape == (1, 4, img_size, img_size)
-    assert out["expert_logits"].shape == (layers, 1, grid, grid, 5, 4)
-    assert out["router_logits"].shape == (layers, 1, grid, grid, 5)
-    assert out["router_weights"].shape == (layers, 1, grid, grid, 5)
+    assert out["expert_logits"].shape == (1, layers, grid, grid, 5, 4)
+    assert out["router_logits"].shape == (1, layers, grid, grid, 5)
+    assert out["router_weights"].shape == (1, layers, grid, grid, 5)
     assert out["embeddings"].shape == (1, grid, grid, 128)
 
 

@@ -281,8 +281,8 @@ class ICMoE(nn.Module):
 
         Returns:
             eval mode: logits ``(B, K+1, H, W)``. Train mode: a dict with ``logits`` and, stacked over the L
-            IC-MoE layers, ``expert_logits`` ``(L, B, h, w, E, K+1)``, ``router_logits`` and ``router_weights``
-            ``(L, B, h, w, E)``, plus ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
+            IC-MoE layers, ``expert_logits`` ``(B, L, h, w, E, K+1)``, ``router_logits`` and ``router_weights``
+            ``(B, L, h, w, E)``, plus ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(
@@ -297,7 +297,7 @@ class ICMoE(nn.Module):
             return logits
         out = {"logits": logits, "embeddings": self.projection_head(tokens)}
         for key in ("expert_logits", "router_logits", "router_weights"):
-            out[key] = torch.stack([layer[key] for layer in aux], dim=0)
+            out[key] = torch.stack([layer[key] for layer in aux], dim=1)  # batch first, so MONAI can decollate
         return out
 
 
