@@ -52,7 +52,7 @@ def test_plain_folder_pair_with_nnunet_names(tmp_path):
 def test_dataset_errors(tmp_path):
     with pytest.raises(DatasetError, match="no such folder"):
         find_cases(tmp_path / "missing")
-    with pytest.raises(DatasetError, match="expected dataset.json"):
+    with pytest.raises(DatasetError, match=r"expected dataset\.json"):
         find_cases(tmp_path)
     _touch(tmp_path / "images" / "a.nii.gz")
     _touch(tmp_path / "labels" / "b.nii.gz")
