@@ -13,7 +13,6 @@ import argparse
 import ctypes
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,22 +23,8 @@ import torch
 
 from ic_moe_monai.networks import ICMoE, count_parameters
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info
 
 
 def _status_mib(field: str) -> float:
@@ -130,7 +115,7 @@ def main() -> None:
         "trainable_share": round(trainable / total, 4),
         "peak_rss_mib": {k: round(v["peak_mib"], 1) for k, v in memory.items()},
         "forward_rss_increase_mib": {k: round(v["peak_mib"] - v["built_mib"], 1) for k, v in memory.items()},
-        "machine": machine(),
+        "machine": machine_info(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

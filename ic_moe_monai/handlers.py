@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,54 @@ class LossTermsAverager:
     def _publish(self, engine: Engine) -> None:
         for name, total in self._sums.items():
             engine.state.metrics[f"{self.prefix}{name}"] = total / max(self._count, 1)
+
+
+class TrainingTimeLimit:
+    """Stop training cleanly, at the end of an epoch, before a wall-clock budget runs out.
+
+    Attach it after the ValidationHandler, so the last epoch is still validated. After each epoch it compares the
+    time used since the engine started plus the longest epoch so far with ``max_minutes``, and terminates when the
+    next epoch would not fit (under torch.distributed: when it would not fit on some rank, so all ranks stop
+    together). Validation and checkpoints of the finished epochs are kept; a resumed run gets a fresh budget.
+
+    Args:
+        max_minutes: the budget; ``None`` or a value ≤ 0 means no limit.
+    """
+
+    def __init__(self, max_minutes: float | None) -> None:
+        self.max_seconds = None if not max_minutes or max_minutes <= 0 else float(max_minutes) * 60
+        self._start = 0.0
+        self._epoch_start = 0.0
+        self._longest = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.monotonic()
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._epoch_start = time.monotonic()
+
+    def _check(self, engine: Engine) -> None:
+        now = time.monotonic()
+        self._longest = max(self._longest, now - self._epoch_start)
+        stop = torch.tensor(float(now - self._start + self._longest > self.max_seconds))
+        if dist.is_available() and dist.is_initialized():  # every rank must stop at the same epoch
+            stop = stop.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() > 0:
+            logger.info(
+                "time limit: %.1f of %.1f min used, the next epoch would not fit; stopping after epoch %d.",
+                (now - self._start) / 60,
+                self.max_seconds / 60,
+                engine.state.epoch,
+            )
+            engine.terminate()
 
 
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path | None:

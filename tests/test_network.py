@@ -138,3 +138,21 @@ def test_traced_equals_eager(tmp_path, encoder, img_size):
         other = torch.rand(3, 3, img_size, img_size)  # another batch size than the one traced
         assert (loaded(other) - model(other)).abs().max() <= 1e-4
         assert (loaded(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_detail_branch_starts_as_identity_and_learns():
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite", freeze_encoder=False).eval()
+    assert model.detail_branch is not None  # on by default for lite, off for SAM sizes
+    assert ICMoE(num_classes=1, img_size=256, encoder="vit_b").detail_branch is None
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        with_branch = model(x)
+        branch, model.detail_branch = model.detail_branch, None
+        without = model(x)
+        model.detail_branch = branch
+    assert torch.equal(with_branch, without)
+    model.train()
+    loss = ICMoELoss(num_classes=2)(model(x), torch.randint(0, 3, (2, 1, 64, 64)))
+    loss.backward()
+    assert model.detail_branch.proj.weight.grad.abs().sum() > 0

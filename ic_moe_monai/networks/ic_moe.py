@@ -10,6 +10,7 @@ trained with label-consistency routing, load balancing and semantic-guided contr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,43 @@ class ICMoELayer(nn.Module):
         return x + delta, aux
 
 
+class DetailBranch(nn.Module):
+    """High-resolution image features added to the mask decoder's upscaled embedding.
+
+    SAM predicts masks from a 16× (``vit_*``) or 4× (``lite``) downsampled embedding upscaled 4×; fine boundaries of
+    small structures are lost on the way. As in HQ-SAM (Ke et al., NeurIPS 2023), which fuses early high-resolution
+    features into the mask features, a small convolutional stem reads the input at the mask resolution and adds
+    its features to the decoder's. The last convolution starts at zero, so the decoder's output is unchanged until
+    training moves it.
+
+    Args:
+        in_channels: input image channels.
+        out_channels: channels of the decoder's upscaled embedding (transformer_dim / 8).
+        stride: input pixels per mask pixel (patch_size / 4).
+        hidden: stem width.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.GroupNorm(4, hidden),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1),
+            nn.GroupNorm(4, hidden),
+            nn.GELU(),
+        )
+        self.proj = nn.Conv2d(hidden, out_channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        features = self.stem(x)
+        if tuple(features.shape[-2:]) != tuple(size):
+            features = F.adaptive_avg_pool2d(features, size)
+        return self.proj(features)
+
+
 class ICMoE(nn.Module):
     """SAM with IC-MoE layers, for automatic (and optionally prompted) 2D / 2.5D segmentation.
 
@@ -109,6 +147,8 @@ class ICMoE(nn.Module):
         embedding_dim: width of the projection head used by the contrastive loss.
         pixel_normalize: map [0, 1] inputs to SAM's pixel statistics before the encoder;
             default True for SAM sizes, False for ``lite``.
+        detail_branch: add a :class:`DetailBranch` of high-resolution features to the mask decoder;
+            default True for ``lite``, False for SAM sizes (SAM's decoder as published).
     """
 
     def __init__(
@@ -127,6 +167,7 @@ class ICMoE(nn.Module):
         top_k: int = 2,
         embedding_dim: int = 128,
         pixel_normalize: bool | None = None,
+        detail_branch: bool | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -171,6 +212,12 @@ class ICMoE(nn.Module):
         )
         self.projection_head = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, embedding_dim)
+        )
+
+        if detail_branch is None:
+            detail_branch = encoder == "lite"
+        self.detail_branch = (
+            DetailBranch(in_channels, cfg.out_chans // 8, stride=max(cfg.patch_size // 4, 1)) if detail_branch else None
         )
 
         if pixel_normalize is None:
@@ -246,11 +293,14 @@ class ICMoE(nn.Module):
             raise ValueError(f"boxes must be (B, 4) = ({batch_size}, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}.")
         return pe(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
 
-    def decode(self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, detail: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """SAM's mask decoder run batch-aligned (image i with prompt i) → low-res logits ``(B, K+1, 4h, 4w)``.
 
         ``MaskDecoder.predict_masks`` repeats one image embedding per prompt; here each image has its own
-        (possibly empty) prompt, so the same steps run with the batch dimension kept aligned.
+        (possibly empty) prompt, so the same steps run with the batch dimension kept aligned. ``detail``, if given,
+        is a callable ``size -> (B, C/8, 4h, 4w)`` of high-resolution features added to the upscaled embedding.
         """
         md = self.mask_decoder
         b, c, h, w = embedding.shape
@@ -261,6 +311,8 @@ class ICMoE(nn.Module):
         hs, src = md.transformer(src, pos, tokens)
         mask_tokens = hs[:, 1 : 1 + md.num_mask_tokens, :]
         upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+        if detail is not None:
+            upscaled = upscaled + detail(tuple(upscaled.shape[-2:]))
         hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         return (hyper @ upscaled.flatten(2)).reshape(b, md.num_mask_tokens, *upscaled.shape[-2:])
 
@@ -288,10 +340,12 @@ class ICMoE(nn.Module):
             raise ValueError(
                 f"ICMoE expects input (B, {self.in_channels}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
             )
-        tokens, aux = self.encode_tokens(self.preprocess(x))
+        image = self.preprocess(x)
+        tokens, aux = self.encode_tokens(image)
         embedding = self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
         sparse, dense = self.embed_prompts(x.shape[0], points, point_labels, boxes)
-        low_res = self.decode(embedding, sparse, dense)
+        detail = None if self.detail_branch is None else partial(self.detail_branch, image)
+        low_res = self.decode(embedding, sparse, dense, detail)
         logits = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not self.training:
             return logits
