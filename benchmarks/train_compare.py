@@ -6,7 +6,8 @@ validation fold with the bundle's evaluation command, and report them side by si
 
 Every number comes from the commands' own outputs: training time is the wall time of ``run training``,
 accuracy is ``metrics_summary.json`` of ``run evaluating`` (MONAI convention, HD95 in mm). ``--ship`` copies the
-``lite`` run's best checkpoint to ``bundle/models/model.pt``. Results: ``benchmarks/results/train_compare.json``.
+``lite`` run's best checkpoint to ``bundle/models/model.pt``. Results go to ``benchmarks/results/train_compare.json``;
+profiles run at another time are merged into it, each with the date and machine it ran on.
 """
 
 from __future__ import annotations
@@ -93,21 +94,25 @@ def main() -> None:
             },
             "mean_dice": round(summary["summary"]["mean_dice"]["mean"], 4),
             "model_mb": round((run / "models" / "model.pt").stat().st_size / 2**20, 1),
+            "budget_minutes": args.minutes,
+            "fold": args.fold,
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_info(),
         }
         print(profile, json.dumps(results[profile]), flush=True)
         if args.ship and profile == "lite":
             shutil.copy(run / "models" / "model.pt", REPO / "bundle" / "models" / "model.pt")
 
+    out = Path(args.out)
+    previous = json.loads(out.read_text())["results"] if out.is_file() else {}
+    results = previous | results
     report = {
         "benchmark": "bundle training under one wall-clock budget, evaluated on the validation fold",
         "dataset_dir": Path(args.dataset_dir).name,
-        "fold": args.fold,
-        "budget_minutes": args.minutes,
         "results": results,
-        "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(
         "| profile | mean Dice | "
         + " | ".join(f"{c} Dice" for c in next(iter(results.values()))["dice"])

@@ -296,3 +296,35 @@ def test_ckpt_export_traced_and_loadable(tmp_path, trained):
 def test_bundle_files_present():
     for rel in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (BUNDLE / rel).is_file(), rel
+
+
+@pytest.mark.slow
+def test_multi_process_gloo_evaluation(tmp_path, tiny_task, trained):
+    bundle_cli(
+        "run", "evaluating",
+        "--config_file", configs("train.json", "evaluate.json", "multi_gpu_evaluate.json"),
+        "--dataset_dir", str(tiny_task), "--ckpt_path", str(trained / "models" / "model.pt"),
+        "--output_dir", str(tmp_path), "--eval_section", "all", "--num_workers", "0", torchrun=2,
+    )  # fmt: skip
+    with (tmp_path / "metrics_per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6  # both ranks' cases, gathered on rank 0
+    assert len({r["case"] for r in rows}) == 6
+
+
+@pytest.mark.slow
+def test_quick_start_with_shipped_model(tmp_path):
+    """The README's quick start: the shipped model on the shipped sample volumes finds both hippocampus parts."""
+    bundle_cli(
+        "run", "inference", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(BUNDLE),
+        "--output_dir", str(tmp_path),
+    )  # fmt: skip
+    samples = sorted((BUNDLE / "sample_data").glob("*.nii.gz"))
+    assert len(samples) == 2
+    for sample in samples:
+        out, ref = nib.load(tmp_path / sample.name), nib.load(sample)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out.affine, ref.affine, atol=1e-4)
+        labels = np.asarray(out.dataobj)
+        for value in (1, 2):  # each part is found, at a plausible size (hundreds to a few thousand voxels)
+            assert 200 < (labels == value).sum() < 5000, (sample.name, value, (labels == value).sum())

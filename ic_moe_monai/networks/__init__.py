@@ -1,13 +1,14 @@
 """Networks: IC-MoE and its parts."""
 
 from ic_moe_monai.networks.experts import AdaptiveExpert, BasicExpert, SemanticExpert
-from ic_moe_monai.networks.ic_moe import ICMoE, ICMoELayer, count_parameters
+from ic_moe_monai.networks.ic_moe import DetailBranch, ICMoE, ICMoELayer, count_parameters
 from ic_moe_monai.networks.sam_weights import SamCheckpointError, load_sam_checkpoint
 from ic_moe_monai.networks.voting import TopKRouter
 
 __all__ = [
     "AdaptiveExpert",
     "BasicExpert",
+    "DetailBranch",
     "ICMoE",
     "ICMoELayer",
     "SamCheckpointError",

@@ -27,7 +27,7 @@ from ic_moe_monai.networks.sam_weights import (
 )
 from ic_moe_monai.networks.voting import TopKRouter
 
-__all__ = ["ICMoE", "ICMoELayer", "count_parameters"]
+__all__ = ["DetailBranch", "ICMoE", "ICMoELayer", "count_parameters"]
 
 # SAM's pixel statistics (ImageNet, 0-255 scale); applied when feeding a pretrained SAM encoder.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)

@@ -1,0 +1,227 @@
+"""Find the cases in an input path: image files (NIfTI, NRRD, MHA) and DICOM series, recursively.
+
+DICOM files are grouped by SeriesInstanceUID (one case per series, wherever its files lie); objects that are not
+images (SEG, RTSTRUCT, SR, presentation states, ...) are skipped. Each series is checked before it becomes a case,
+and rejected with a precise reason when it cannot be a volume: a single or two slices, differing orientations or
+matrix sizes, duplicate slice positions, missing slices, non-uniform spacing, or gantry tilt (slices not stacked
+along their normal). Only headers are read here; pixels are read when the case is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ic_moe_monai.data import IMAGE_SUFFIXES, case_name
+
+__all__ = ["NON_IMAGE_MODALITIES", "Case", "Skipped", "check_series_geometry", "discover_cases"]
+
+# Modalities of DICOM objects that hold no image volume.
+NON_IMAGE_MODALITIES = {
+    "SEG",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTDOSE",
+    "RTRECORD",
+    "SR",
+    "PR",
+    "KO",
+    "DOC",
+    "REG",
+    "PLAN",
+    "FID",
+}
+# Files that sit beside data and are not worth a line in the report.
+IGNORED_SUFFIXES = (".md", ".txt", ".json", ".csv", ".yml", ".yaml", ".xml", ".html", ".pdf", ".png", ".jpg")
+MIN_SLICES = 3
+
+
+@dataclass
+class Case:
+    """One volume to segment."""
+
+    name: str  # unique output name stem
+    kind: str  # "image" or "dicom"
+    path: Path  # the image file, or the folder holding (most of) the series
+    files: list[Path] = field(default_factory=list)  # DICOM files sorted along the slice normal
+    series_uid: str | None = None
+    description: str = ""
+
+
+@dataclass
+class Skipped:
+    """Something found in the input that is not segmented, and why."""
+
+    path: Path
+    reason: str
+
+
+def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
+    """All cases under ``input_path`` (a file, a DICOM series folder, or a tree mixing them) and what was skipped."""
+    root = Path(input_path)
+    if not root.exists():
+        raise FileNotFoundError(f"input {root}: no such file or folder.")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    cases: list[Case] = []
+    skipped: list[Skipped] = []
+    dicom_headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for path in files:
+        if any(part.startswith(".") for part in path.relative_to(root if root.is_dir() else root.parent).parts):
+            continue
+        lower = path.name.lower()
+        if lower.endswith(IMAGE_SUFFIXES):
+            cases.append(Case(name=case_name(path), kind="image", path=path, description=path.name))
+            continue
+        if lower.endswith(IGNORED_SUFFIXES) or lower.endswith(".raw") or lower.endswith(".zraw"):
+            continue
+        header = _read_header(path)
+        if isinstance(header, str):
+            skipped.append(Skipped(path, header))
+            continue
+        modality = str(header.get("Modality", "")).upper()
+        if modality in NON_IMAGE_MODALITIES or ("PixelData" not in header and "Rows" not in header):
+            skipped.append(Skipped(path, f"DICOM {modality or 'object'} without an image volume (skipped)"))
+            continue
+        uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
+        dicom_headers[uid].append((path, header))
+
+    for uid, members in dicom_headers.items():
+        for group in _split_copies(members):
+            problem = check_series_geometry([h for _, h in group])
+            folder = _common_folder([p for p, _ in group])
+            if problem:
+                skipped.append(Skipped(folder, f"DICOM series {uid} ({len(group)} files): {problem}"))
+                continue
+            ordered = [p for p, _ in sorted(group, key=lambda m: _position_along_normal(m[1]))]
+            first = group[0][1]
+            description = " ".join(str(first.get(t, "")) for t in ("Modality", "SeriesDescription")).strip()
+            cases.append(
+                Case(name=_series_name(folder, first), kind="dicom", path=folder, files=ordered, series_uid=uid,
+                     description=description)
+            )  # fmt: skip
+    return _unique_names(cases), skipped
+
+
+def _split_copies(members: list[tuple[Path, pydicom.Dataset]]) -> list[list[tuple[Path, pydicom.Dataset]]]:
+    """One group per series, except when copies of the same series lie in several folders (the same
+    SOPInstanceUID more than once): then each folder is a case of its own."""
+    sop_uids = [str(h.get("SOPInstanceUID", "")) for _, h in members]
+    has_copies = len(set(sop_uids)) < len(sop_uids) and all(sop_uids)
+    folders: dict[Path, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for path, header in members:
+        folders[path.parent].append((path, header))
+    return list(folders.values()) if has_copies and len(folders) > 1 else [members]
+
+
+def check_series_geometry(headers: list[pydicom.Dataset], tolerance: float = 0.1) -> str | None:
+    """Why the slices of one series cannot form a volume, or None when they can.
+
+    Args:
+        headers: one dataset per file of the series (headers only are needed).
+        tolerance: relative tolerance on slice gaps (0.1 = 10 %).
+    """
+    if len(headers) < MIN_SLICES:
+        what = "single slice" if len(headers) == 1 else f"only {len(headers)} slices"
+        return f"{what}: not a volume (at least {MIN_SLICES} slices are needed)"
+    sop_uids = [str(h.get("SOPInstanceUID", "")) for h in headers]
+    if all(sop_uids) and len(set(sop_uids)) < len(sop_uids):
+        return "the same image (SOPInstanceUID) more than once"
+    if any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in headers):
+        return "slices without ImagePositionPatient / ImageOrientationPatient: the geometry is unknown"
+    if len({(int(h.get("Rows", 0)), int(h.get("Columns", 0))) for h in headers}) > 1:
+        return "inconsistent matrix size between slices"
+    orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        distinct = len({tuple(np.round(o, 3)) for o in orientations})
+        return f"inconsistent orientation: {distinct} different ImageOrientationPatient values"
+    row, col = orientations[0, :3], orientations[0, 3:]
+    normal = np.cross(row, col)
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    along = positions @ normal
+    order = np.argsort(along)
+    along, positions = along[order], positions[order]
+    gaps = np.diff(along)
+    duplicates = int((gaps < 1e-3).sum())
+    if duplicates:
+        return f"duplicate slice positions: {duplicates + 1} slices share a position along the slice normal"
+    problems = []
+    tilt = _tilt_degrees(positions, normal)
+    declared_tilt = max(abs(float(h.get("GantryDetectorTilt", 0) or 0)) for h in headers)
+    if tilt > 0.5:
+        problems.append(f"gantry tilt of {tilt:.1f}°: the slices are not stacked along their normal")
+    elif declared_tilt > 0.5:
+        problems.append(f"gantry tilt of {declared_tilt:.1f}° (GantryDetectorTilt)")
+    spacing = float(np.median(gaps))
+    ratios = gaps / spacing
+    if np.abs(ratios - 1).max() > tolerance:
+        worst = int(np.argmax(np.abs(ratios - 1)))
+        multiple = round(ratios[worst])
+        if multiple >= 2 and abs(ratios[worst] - multiple) < tolerance:
+            problems.append(
+                f"missing slice(s): a gap of {gaps[worst]:.2f} mm between slices {worst + 1} and {worst + 2} "
+                f"where the spacing is {spacing:.2f} mm"
+            )
+        else:
+            problems.append(f"non-uniform slice spacing: gaps from {gaps.min():.2f} to {gaps.max():.2f} mm")
+    return "; ".join(problems) or None
+
+
+def _tilt_degrees(positions: np.ndarray, normal: np.ndarray) -> float:
+    """Angle between the line through the slice origins and the slice normal."""
+    direction = positions[-1] - positions[0]
+    length = float(np.linalg.norm(direction))
+    if length == 0:
+        return 0.0
+    cosine = abs(float(direction @ normal)) / length
+    return math.degrees(math.acos(min(1.0, cosine)))
+
+
+def _read_header(path: Path) -> pydicom.Dataset | str:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return "not an image or DICOM file"
+    except Exception as err:  # truncated or corrupt files raise many types
+        return f"unreadable DICOM file ({type(err).__name__}: {err})"
+
+
+def _position_along_normal(header: pydicom.Dataset) -> float:
+    orientation = [float(v) for v in header.ImageOrientationPatient]
+    normal = np.cross(orientation[:3], orientation[3:])
+    return float(np.asarray([float(v) for v in header.ImagePositionPatient]) @ normal)
+
+
+def _common_folder(paths: Iterable[Path]) -> Path:
+    parents = [p.parent for p in paths]
+    common = parents[0]
+    while any(common not in (p, *p.parents) for p in parents):
+        common = common.parent
+    return common
+
+
+def _series_name(folder: Path, header: pydicom.Dataset) -> str:
+    number = header.get("SeriesNumber")
+    description = str(header.get("SeriesDescription", "")).strip()
+    parts = [folder.name or "series"]
+    if number is not None and str(number) != "":
+        parts.append(f"s{number}")
+    if description:
+        parts.append("".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in description))
+    return "_".join(parts)
+
+
+def _unique_names(cases: list[Case]) -> list[Case]:
+    """Give every case a distinct name (``name``, ``name_2``, ...) in a stable order."""
+    seen: dict[str, int] = defaultdict(int)
+    for case in sorted(cases, key=lambda c: (str(c.path), c.series_uid or "")):
+        seen[case.name] += 1
+        if seen[case.name] > 1:
+            case.name = f"{case.name}_{seen[case.name]}"
+    return sorted(cases, key=lambda c: c.name)

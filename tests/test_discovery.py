@@ -1,0 +1,106 @@
+"""Finding cases in folders of DICOM series and image files; every hard case is segmented or precisely rejected."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+
+from ic_moe_monai.io import discover_cases
+
+# every folder of the shared DICOM collection: a case (with its slice count) or the reason it is rejected
+EXPECTED_CASES = {
+    "tcia_btp_pgbm003_mr_study/11-T1post-18670": 22,
+    "tcia_btp_pgbm003_mr_study/11_HCropVolume": 40,
+    "tcia_btp_pgbm003_mr_study/26401-T1prereg-52906": 22,
+    "tcia_btp_pgbm003_mr_study/36468-FLAIRreg-58706": 22,
+    "tcia_btp_pgbm003_mr_study/37830-T2reg-78532": 22,
+    "dicom2nifti_edge_cases/mr_jpeg2000": 4,
+    "dicom2nifti_edge_cases/mr_jpeg_lossless": 4,
+    "dicom2nifti_edge_cases/mr_jpegls": 4,
+    "dicom2nifti_edge_cases/mr_rle": 4,
+    "dcmqi_ct3slice_with_seg/series": 3,
+    "dcmqa_mr_sagittal_epi/series": 63,
+    "totalseg_ct_jp2k_with_seg/series": 20,
+}
+EXPECTED_REJECTIONS = {
+    "dcmqi_ct3slice_with_seg/seg/liver.dcm": "DICOM SEG without an image volume",
+    "dcmqi_ct3slice_with_seg/seg/partial_overlaps.dcm": "DICOM SEG without an image volume",
+    "dcmqa_ct_ge_gantry_tilt_variable_spacing/series": "gantry tilt of 18.5°",
+    "dicom2nifti_edge_cases/ct_gantry_tilt_siemens": "gantry tilt of 14.0°",
+    "dicom2nifti_edge_cases/ct_missing_slice_ge": (
+        "missing slice(s): a gap of 10.00 mm between slices 3 and 4 where the spacing is 5.00 mm"
+    ),
+    "dicom2nifti_edge_cases/ct_missing_slice_siemens": "missing slice(s): a gap of 1.50 mm",
+    "dicom2nifti_edge_cases/ct_not_a_volume_same_position": "duplicate slice positions: 4 slices",
+    "dicom2nifti_edge_cases/mr_mixed_orientations_one_folder": "inconsistent orientation: 2 different",
+    "dicom2nifti_edge_cases/mr_only_two_slices": "only 2 slices: not a volume",
+}
+
+
+@pytest.fixture(scope="module")
+def dicom_root(shared_data):
+    return shared_data / "dicom"
+
+
+def test_every_shared_series_is_a_case_or_rejected_with_its_reason(dicom_root):
+    cases, skipped = discover_cases(dicom_root)
+    dicom_cases = {str(c.path.relative_to(dicom_root)): c for c in cases if c.kind == "dicom"}
+    # the two series mixed in one folder are split into two cases
+    mixed = [c for c in cases if c.kind == "dicom" and c.path == dicom_root / "multiseries_one_folder" / "series"]
+    assert sorted(len(c.files) for c in mixed) == [22, 40]
+    assert {k: len(v.files) for k, v in dicom_cases.items() if "multiseries" not in k} == EXPECTED_CASES
+    reasons = {str(s.path.relative_to(dicom_root)): s.reason for s in skipped}
+    assert set(reasons) == set(EXPECTED_REJECTIONS)
+    for where, reason in EXPECTED_REJECTIONS.items():
+        assert reason in reasons[where], (where, reasons[where])
+    assert "gantry tilt" in reasons["dicom2nifti_edge_cases/ct_missing_slice_siemens"]  # both problems named
+    assert len({c.name for c in cases}) == len(cases)  # output names never collide
+
+
+def test_files_are_sorted_along_the_slice_normal(dicom_root):
+    import numpy as np
+    import pydicom
+
+    cases, _ = discover_cases(dicom_root / "dcmqa_mr_sagittal_epi")
+    (case,) = cases
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
+    iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    along = [np.array([float(v) for v in h.ImagePositionPatient]) @ normal for h in headers]
+    assert all(b > a for a, b in itertools.pairwise(along))
+
+
+def test_bad_files_are_reported_not_fatal(tmp_path, dicom_root):
+    series = tmp_path / "study" / "series"
+    shutil.copytree(dicom_root / "dcmqi_ct3slice_with_seg" / "series", series)
+    (tmp_path / "study" / "notes.bin").write_bytes(b"\x00\x01 not dicom at all")
+    truncated = (series / "01.dcm").read_bytes()[:200]
+    (tmp_path / "study" / "truncated.dcm").write_bytes(truncated)
+    (tmp_path / "study" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "study" / "README.md").write_text("ignored")
+    cases, skipped = discover_cases(tmp_path)
+    assert [len(c.files) for c in cases] == [3]
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert reasons["notes.bin"] == "not an image or DICOM file"
+    assert "truncated.dcm" in reasons
+    assert set(reasons) == {"notes.bin", "truncated.dcm"}
+
+
+def test_empty_and_missing_inputs(tmp_path):
+    assert discover_cases(tmp_path) == ([], [])
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        discover_cases(tmp_path / "missing")
+
+
+def test_image_files_and_single_file_input(tmp_path, hippocampus_dir):
+    src = hippocampus_dir / "imagesTr" / "hippocampus_003.nii.gz"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(src, tmp_path / "a" / "case.nii.gz")
+    shutil.copy(src, tmp_path / "b" / "case.nii.gz")
+    cases, _ = discover_cases(tmp_path)
+    assert sorted(c.name for c in cases) == ["case", "case_2"]  # same file name in two folders: no collision
+    cases, _ = discover_cases(tmp_path / "a" / "case.nii.gz")
+    assert [(c.name, c.kind) for c in cases] == [("case", "image")]
