@@ -85,7 +85,7 @@ def main() -> None:
             "dice": {
                 k.removesuffix("_dice"): round(v["mean"], 4)
                 for k, v in summary["summary"].items()
-                if k.endswith("_dice")
+                if k.endswith("_dice") and k != "mean_dice"
             },
             "hd95_mm": {
                 k.removesuffix("_hd95"): round(v["mean"], 2)
