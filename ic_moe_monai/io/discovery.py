@@ -61,6 +61,7 @@ class Skipped:
 
     path: Path
     reason: str
+    failure: bool = True  # a bad or rejected input; False for DICOM objects that are simply not images
 
 
 def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
@@ -87,7 +88,9 @@ def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
             continue
         modality = str(header.get("Modality", "")).upper()
         if modality in NON_IMAGE_MODALITIES or ("PixelData" not in header and "Rows" not in header):
-            skipped.append(Skipped(path, f"DICOM {modality or 'object'} without an image volume (skipped)"))
+            skipped.append(
+                Skipped(path, f"DICOM {modality or 'object'} without an image volume (skipped)", failure=False)
+            )
             continue
         uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
         dicom_headers[uid].append((path, header))
