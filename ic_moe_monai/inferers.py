@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
-__all__ = ["SliceContextInferer", "neighbor_stack"]
+__all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
 
 
 def neighbor_stack(volume: torch.Tensor, indices: torch.Tensor, context: str = "neighbors") -> torch.Tensor:
@@ -49,6 +50,8 @@ class SliceContextInferer(Inferer):
         amp: autocast the network to float16 on CUDA.
         slice_axis: spatial axis along which slices are taken (2 = the last, axial after RAS orientation).
         progress: optional callable ``(done, total)`` called after each batch.
+        argmax: return the label of each voxel ``(B, 1, X, Y, Z)`` (uint8) instead of the logits; the argmax is
+            taken per batch of slices, so the volume's logits are never held at once (memory for large CT).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SliceContextInferer(Inferer):
         amp: bool = False,
         slice_axis: int = 2,
         progress: Callable[[int, int], None] | None = None,
+        argmax: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("resize", "sliding_window"):
@@ -79,14 +83,18 @@ class SliceContextInferer(Inferer):
         self.amp = amp
         self.slice_axis = slice_axis
         self.progress = progress
+        self.argmax = argmax
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32, on ``sw_device``)."""
+        """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32, on ``sw_device``), or labels
+        ``(B, 1, X, Y, Z)`` (uint8) with ``argmax``."""
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"SliceContextInferer expects a (B, 1, X, Y, Z) volume, got {tuple(inputs.shape)}.")
         sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
         device = torch.device(self.device) if self.device is not None else inputs.device
-        volumes = torch.as_tensor(inputs).to(sw_device).movedim(2 + self.slice_axis, -1)  # slices last
+        # plain tensors from here on: MetaTensor bookkeeping on every slice op costs time and is not needed
+        volumes = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
+        volumes = volumes.to(sw_device).movedim(2 + self.slice_axis, -1)  # slices last
         outputs = [self._volume(v[0], network, device, sw_device) for v in volumes]
         return torch.stack(outputs, dim=0).movedim(-1, 2 + self.slice_axis)
 
@@ -98,9 +106,12 @@ class SliceContextInferer(Inferer):
         for start in range(0, depth, self.batch_size):
             indices = torch.arange(start, min(start + self.batch_size, depth), device=volume.device)
             stack = neighbor_stack(volume, indices, self.context).to(device=device, dtype=torch.float32)
-            logits = self._predict(stack, network).to(sw_device, torch.float32)  # (b, K+1, X, Y)
+            logits = self._predict(stack, network)  # (b, K+1, X, Y)
+            if self.argmax:
+                logits = channel_argmax(logits)
+            logits = logits.to(sw_device, logits.dtype if self.argmax else torch.float32)
             if result is None:
-                result = torch.empty((logits.shape[1], *volume.shape), dtype=torch.float32, device=sw_device)
+                result = torch.empty((logits.shape[1], *volume.shape), dtype=logits.dtype, device=sw_device)
             result[..., start : start + len(indices)] = logits.permute(1, 2, 3, 0)
             if self.progress is not None:
                 self.progress(start + len(indices), depth)
@@ -129,6 +140,19 @@ class SliceContextInferer(Inferer):
                     _logits(network(resized)).float(), size=stack.shape[-2:], mode="bilinear", align_corners=False
                 )
         return logits
+
+
+def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1, keepdim=True)`` as uint8, by a running maximum over the few channels: several times
+    faster on CPU than ``argmax`` along a strided axis. Ties go to the lower channel, as with ``argmax``."""
+    best = logits[:, :1].clone()
+    labels = torch.zeros_like(best, dtype=torch.uint8)
+    for channel in range(1, logits.shape[1]):
+        candidate = logits[:, channel : channel + 1]
+        better = candidate > best
+        labels.masked_fill_(better, channel)
+        best = torch.maximum(best, candidate)
+    return labels
 
 
 def _logits(output: Any) -> torch.Tensor:

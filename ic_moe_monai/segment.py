@@ -2,8 +2,9 @@
 
 Cases are found by :func:`ic_moe_monai.io.discover_cases` (image files and DICOM series, recursively). Each case
 is loaded (DICOM series through ITK, in the series' own geometry), preprocessed, segmented and inverted with the
-bundle's own ``preprocessing``, ``inferer`` and weights, and written as a NIfTI labelmap with the input's shape
-and affine. Outputs are written under a temporary name and renamed, so an interrupted run never leaves a partial
+bundle's own ``preprocessing``, ``inferer`` and weights, and written in the input's geometry: a NIfTI labelmap and,
+on request, a DICOM SEG, label statistics and a preview image. The next case is loaded while the current one is
+segmented. Outputs are written under a temporary name and renamed, so an interrupted run never leaves a partial
 file; a rerun skips finished cases unless ``overwrite``. A bad case is reported and the run goes on.
 """
 
@@ -15,6 +16,9 @@ import os
 import platform
 import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,34 +27,57 @@ import itk
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.data import ITKReader, MetaTensor, NibabelWriter
+from monai.data import ITKReader, MetaTensor
 from monai.transforms import Compose, Invertd, LoadImage
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ic_moe_monai.inferers import SliceContextInferer
 from ic_moe_monai.io import Case, discover_cases
+from ic_moe_monai.io.writers import (
+    atomic_output,
+    label_statistics,
+    remove_partial_outputs,
+    statistics_csv,
+    write_dicom_seg,
+    write_nifti_labels,
+    write_preview,
+    write_statistics,
+)
 
-__all__ = ["CaseResult", "SegmentReport", "segment"]
+__all__ = ["FORMATS", "BundleSegmenter", "CaseResult", "SegmentReport", "load_case", "segment"]
 
 logger = logging.getLogger(__name__)
+
+FORMATS = ("nifti", "dicom_seg")
 
 
 @dataclass
 class CaseResult:
+    """What happened to one case."""
+
     name: str
     source: str
-    status: str  # "done", "skipped (exists)", "failed"
-    output: str | None = None
-    seconds: float = 0.0
+    status: str  # "done", "skipped (exists)" or "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
+    slices: int = 0
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class SegmentReport:
+    """The run report written to ``report.json``."""
+
     input: str
     output: str
     settings: dict[str, Any]
     versions: dict[str, str]
+    device: str = ""
     cases: list[CaseResult] = field(default_factory=list)
-    not_segmented: list[dict[str, str]] = field(default_factory=list)
+    not_segmented: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
@@ -60,16 +87,25 @@ class SegmentReport:
 
 
 class BundleSegmenter:
-    """The bundle's network, preprocessing (less its loader), inferer and checkpoint, ready for one case at a time."""
+    """The bundle's network, preprocessing (less its loader), inferer and checkpoint, ready for one case at a time.
 
-    def __init__(self, bundle: str | Path, configs: list[str] | None, device: torch.device, batch_size: int) -> None:
+    Args:
+        bundle: the bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``).
+        configs: config files merged after ``inference.json`` (e.g. a profile).
+        device: where the network runs.
+        batch_size: slices per network call.
+    """
+
+    def __init__(self, bundle: str | Path, configs: Sequence[str], device: torch.device, batch_size: int) -> None:
         bundle = Path(bundle)
         parser = ConfigParser()
-        parser.read_config([str(bundle / "configs" / "inference.json"), *(configs or [])])
+        parser.read_config([str(bundle / "configs" / "inference.json"), *configs])
         parser["bundle_root"] = str(bundle)
         parser["device"] = f"$torch.device('{device}')"
         parser["inference_batch_size"] = batch_size
         self.device = device
+        self.label_names = _label_names(bundle, parser)
+        self.version = _bundle_version(bundle)
         self.network = parser.get_parsed_content("network")
         ckpt = Path(parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
@@ -79,21 +115,39 @@ class BundleSegmenter:
         transforms = parser.get_parsed_content("preprocessing").transforms
         self.preprocessing = Compose([t for t in transforms if type(t).__name__ != "LoadImaged"])
         self.inferer = parser.get_parsed_content("inferer")
+        if isinstance(self.inferer, SliceContextInferer):
+            self.inferer.argmax = True  # labels per slice batch: the volume's logits are never held at once
         self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
 
-    def __call__(self, image: MetaTensor) -> MetaTensor:
-        data = self.preprocessing({"image": image})
+    def preprocess(self, image: MetaTensor) -> dict[str, Any]:
+        """The bundle's preprocessing of a loaded ``(X, Y, Z)`` image (a channel is added)."""
+        return self.preprocessing({"image": image})
+
+    def infer(self, data: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> MetaTensor:
+        """Labels ``(1, X, Y, Z)`` (uint8) of a preprocessed case, in the loaded image's geometry."""
+        if isinstance(self.inferer, SliceContextInferer):
+            self.inferer.progress = progress
         with torch.inference_mode():
-            logits = self.inferer(data["image"][None].to(self.device), self.network)
-        labels = logits[0].argmax(dim=0, keepdim=True).to(torch.uint8).cpu()
+            output = self.inferer(data["image"][None].to(self.device), self.network)
+        labels = output[0] if output.shape[1] == 1 else output[0].argmax(dim=0, keepdim=True)
+        data = dict(data)
         data["pred"] = MetaTensor(
-            labels, meta=dict(data["image"].meta), applied_operations=list(data["image"].applied_operations)
+            labels.to(torch.uint8).cpu(),
+            meta=dict(data["image"].meta),
+            applied_operations=list(data["image"].applied_operations),
         )
         return self.inverter(data)["pred"]
 
+    def __call__(self, image: MetaTensor) -> MetaTensor:
+        return self.infer(self.preprocess(image))
+
 
 def load_case(case: Case) -> MetaTensor:
-    """The case's image as a MetaTensor ``(X, Y, Z)`` with its affine (RAS), as ``LoadImage`` gives it."""
+    """The case's image as a float32 MetaTensor ``(X, Y, Z)`` with its RAS affine, as ``LoadImage`` gives it.
+
+    Raises:
+        ValueError: naming the file, when it cannot be read or is not a finite 3D volume.
+    """
     try:
         if case.kind == "dicom":
             image = itk.imread([str(f) for f in case.files])
@@ -102,83 +156,330 @@ def load_case(case: Case) -> MetaTensor:
             meta["filename_or_obj"] = str(case.path)
             tensor = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta=meta)
         else:
-            tensor = LoadImage(image_only=True)(str(case.path))
+            tensor = LoadImage(image_only=True, dtype=np.float32)(str(case.path))
     except Exception as err:  # readers raise many types for corrupt or truncated files
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ValueError(f"{case.path}: cannot read the image ({detail[:200]})") from err
-    if tensor.ndim != 3:
-        raise ValueError(f"{case.path}: a {tensor.ndim}D image; a 3D volume is needed.")
+    if tensor.ndim == 4 and tensor.shape[-1] == 1:  # a 3D volume stored with a singleton 4th axis
+        tensor = tensor[..., 0]
+    if tensor.ndim != 3 or min(tensor.shape) < 1:
+        raise ValueError(f"{case.path}: a {tensor.ndim}D image of shape {tuple(tensor.shape)}; a 3D volume is needed.")
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{case.path}: the image holds NaN or infinite values.")
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{case.path}: the image holds {bad} NaN or infinite voxel values.")
     return tensor
-
-
-def _write_atomic(labels: MetaTensor, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial.nii.gz")
-    writer = NibabelWriter(output_dtype=np.uint8)
-    writer.set_data_array(labels, channel_dim=0)
-    writer.set_metadata(labels.meta, resample=False)
-    writer.write(str(tmp), verbose=False)
-    os.replace(tmp, path)
 
 
 def segment(
     input: str,
     output: str,
     bundle: str = "bundle",
-    config: str | None = None,
+    config: str | Sequence[str] | None = None,
     device: str = "auto",
+    formats: str | Sequence[str] = "nifti",
+    statistics: bool = False,
+    preview: bool = False,
     overwrite: bool = False,
     batch_size: int = 32,
+    num_workers: int = 1,
+    num_parts: int | None = None,
+    part_id: int | None = None,
     quiet: bool = False,
 ) -> SegmentReport:
     """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them) into OUTPUT.
 
+    Per case ``<name>.nii.gz`` (labelmap in the input's geometry), with ``dicom_seg`` ``<name>_seg.dcm`` (DICOM
+    input only), with ``statistics`` ``<name>_statistics.json/.csv`` (volume in mL and mean intensity per label,
+    and all cases in ``statistics.csv``), with ``preview`` ``<name>_preview.png``; and ``report.json``.
+
     Args:
         input: a file, a DICOM series folder, or a folder tree.
-        output: the folder for ``<case>.nii.gz`` labelmaps and ``report.json``.
+        output: the output folder.
         bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``).
         config: extra config files merged after ``inference.json``, comma-separated (e.g. a profile).
-        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda:N``.
-        overwrite: segment cases whose output exists (otherwise they are skipped, so a rerun resumes).
+        device: ``auto`` (CUDA if available; under torchrun the local rank's GPU), ``cpu`` or ``cuda:N``.
+        formats: comma-separated outputs: ``nifti`` and/or ``dicom_seg``.
+        statistics: write per-label volume (mL) and mean intensity, JSON and CSV.
+        preview: write a PNG with axial, coronal and sagittal overlays.
+        overwrite: segment cases whose outputs exist (otherwise they are skipped, so a rerun resumes).
         batch_size: slices per network call.
-        quiet: log warnings only.
+        num_workers: cases loaded ahead in background threads while one is segmented (0: load in turn).
+        num_parts: split the cases into this many parts (default: torchrun's WORLD_SIZE, else 1).
+        part_id: the part this process segments, 0 ≤ part_id < num_parts (default: torchrun's RANK, else 0).
+        quiet: no progress bars; log warnings only.
+
+    Raises:
+        ValueError, FileNotFoundError: for usage errors (bad option values, missing input or bundle).
     """
+    started = time.monotonic()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
-    torch_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
+    wanted = _parse_formats(formats)
+    configs = _as_list(config)
+    num_parts, part_id = _parse_parts(num_parts, part_id)
+    if int(batch_size) < 1 or int(num_workers) < 0:
+        raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size} and {num_workers}.")
+    torch_device = _resolve_device(device)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = [c for c in (config or "").split(",") if c]
-    settings = {"bundle": str(bundle), "config": configs, "device": str(torch_device), "overwrite": overwrite,
-                "batch_size": batch_size}  # fmt: skip
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "itk": itk.Version.GetITKVersion()}
-    report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=versions)
-    cases, skipped = discover_cases(input)
+    for stale in remove_partial_outputs(out_dir):
+        logger.info("removed %s, left by an interrupted run", stale.name)
+
+    settings = {"bundle": str(bundle), "config": configs, "formats": wanted, "statistics": statistics,
+                "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
+                "num_parts": num_parts, "part_id": part_id}  # fmt: skip
+    report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
+                           device=_device_name(torch_device))  # fmt: skip
+    all_cases, skipped = discover_cases(input, exclude=[out_dir])  # outputs inside the input are not inputs
+    cases = all_cases[part_id::num_parts]
     report.not_segmented = [{"path": str(s.path), "reason": s.reason, "failure": s.failure} for s in skipped]
-    for s in skipped:
-        logger.warning("not segmented: %s: %s", s.path, s.reason)
-    segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size) if cases else None
+    if not all_cases and not skipped:
+        report.not_segmented.append({"path": str(input), "reason": "no image files or DICOM series found",
+                                     "failure": True})  # fmt: skip
+    for s in report.not_segmented:
+        (logger.warning if s["failure"] else logger.info)("not segmented: %s: %s", s["path"], s["reason"])
+
+    todo: list[tuple[Case, CaseResult]] = []
     for case in cases:
-        target = out_dir / f"{case.name}.nii.gz"
-        result = CaseResult(name=case.name, source=str(case.path), status="done", output=str(target))
-        if target.exists() and not overwrite:
+        result = CaseResult(name=case.name, source=str(case.path), status="done")
+        result.outputs = _output_paths(out_dir, case, wanted, statistics, preview, result.notes)
+        if not overwrite and all(Path(p).exists() for p in result.outputs.values()):
             result.status = "skipped (exists)"
-            report.cases.append(result)
-            continue
-        start = time.monotonic()
-        try:
-            _write_atomic(segmenter(load_case(case)), target)
-        except Exception as err:  # one bad case must not stop the batch
-            result.status, result.output = "failed", None
-            result.error = f"{type(err).__name__}: {err}".splitlines()[0]
-            logger.warning("failed: %s: %s", case.path, result.error)
-            logger.debug("%s", traceback.format_exc())
-        result.seconds = round(time.monotonic() - start, 3)
-        logger.info("%s: %s (%.1f s)", case.name, result.status, result.seconds)
+        else:
+            todo.append((case, result))
         report.cases.append(result)
-    tmp = out_dir / ".report.json.partial"
-    tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
-    os.replace(tmp, out_dir / "report.json")
+    if todo:
+        segmenter = BundleSegmenter(bundle, configs, torch_device, int(batch_size))
+        _run_cases(segmenter, todo, int(num_workers), quiet)
+    _write_run_files(report, out_dir, num_parts, part_id, statistics, time.monotonic() - started)
+    done = sum(c.status == "done" for c in report.cases)
+    failed = sum(c.status == "failed" for c in report.cases)
+    logger.info("%d segmented, %d already done, %d failed, %d inputs not segmented (%.1f s)", done,
+                len(report.cases) - done - failed, failed, len(report.not_segmented), report.seconds)  # fmt: skip
     return report
+
+
+def _run_cases(segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], num_workers: int, quiet: bool) -> None:
+    """Segment the cases in order while up to ``num_workers`` next cases load in background threads."""
+    progress_cases = tqdm(total=len(todo), desc="cases", unit="case", disable=quiet, position=0)
+    progress_slices = tqdm(desc="slices", unit="slice", disable=quiet, position=1, leave=False)
+
+    def on_batch(done: int, total: int) -> None:
+        if progress_slices.total != total:
+            progress_slices.reset(total=total)
+        progress_slices.n = done
+        progress_slices.refresh()
+
+    with logging_redirect_tqdm() if not quiet else nullcontext(), _CaseLoader(segmenter, todo, num_workers) as loaded:
+        for (case, result), pending in zip(todo, loaded, strict=True):
+            progress_cases.set_postfix_str(case.name)
+            try:
+                image, data, result.seconds["load"] = pending.result()
+                result.slices = int(data["image"].shape[-1])
+                start = time.monotonic()
+                labels = segmenter.infer(data, progress=None if quiet else on_batch)
+                result.seconds["inference"] = round(time.monotonic() - start, 3)
+                del data
+                start = time.monotonic()
+                _write_outputs(case, result, image, labels, segmenter)
+                result.seconds["write"] = round(time.monotonic() - start, 3)
+                logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+            except Exception as err:  # one bad case must not stop the batch
+                result.status = "failed"
+                result.error = _one_line(err)
+                for path in result.outputs.values():  # no half set of outputs: a rerun redoes the case
+                    Path(path).unlink(missing_ok=True)
+                result.outputs = {}
+                logger.warning("failed: %s", result.error)
+                logger.debug("%s", traceback.format_exc())
+            progress_cases.update(1)
+    progress_slices.close()
+    progress_cases.close()
+
+
+class _CaseLoader:
+    """Futures of ``(image, preprocessed data, seconds)`` for the cases in order, ``ahead`` of them in flight."""
+
+    def __init__(self, segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], ahead: int) -> None:
+        self.segmenter, self.cases, self.ahead = segmenter, [c for c, _ in todo], ahead
+        self.pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="load") if ahead else None
+
+    def _load(self, case: Case) -> tuple[MetaTensor, dict[str, Any], float]:
+        start = time.monotonic()
+        image = load_case(case)
+        data = self.segmenter.preprocess(image)
+        return image, data, round(time.monotonic() - start, 3)
+
+    def _submit(self, case: Case) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(self._load, case)
+        future: Future = Future()
+        try:
+            future.set_result(self._load(case))
+        except Exception as err:  # handed to the consumer through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self) -> Iterator[Future]:
+        return self._futures()
+
+    def _futures(self) -> Iterator[Future]:
+        if self.pool is None:
+            for case in self.cases:
+                yield self._submit(case)
+            return
+        queue = [self._submit(c) for c in self.cases[: self.ahead]]
+        for i in range(len(self.cases)):
+            current = queue.pop(0)
+            if i + self.ahead < len(self.cases):
+                queue.append(self._submit(self.cases[i + self.ahead]))
+            yield current
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _output_paths(
+    out_dir: Path, case: Case, formats: list[str], statistics: bool, preview: bool, notes: list[str]
+) -> dict[str, str]:
+    paths = {}
+    if "nifti" in formats:
+        paths["nifti"] = out_dir / f"{case.name}.nii.gz"
+    if "dicom_seg" in formats:
+        if case.dicom_seg_problem is None:
+            paths["dicom_seg"] = out_dir / f"{case.name}_seg.dcm"
+        else:
+            notes.append(f"no DICOM SEG: {case.dicom_seg_problem}")
+    if statistics:
+        paths["statistics_json"] = out_dir / f"{case.name}_statistics.json"
+        paths["statistics_csv"] = out_dir / f"{case.name}_statistics.csv"
+    if preview:
+        paths["preview"] = out_dir / f"{case.name}_preview.png"
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _write_outputs(case: Case, result: CaseResult, image: MetaTensor, labels: MetaTensor, seg: BundleSegmenter) -> None:
+    """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case."""
+    label_array = np.asarray(labels[0], dtype=np.uint8)
+    affine = np.asarray(labels.affine, dtype=np.float64)
+    outputs = result.outputs
+    with _writing("the DICOM SEG", case):
+        if "dicom_seg" in outputs:
+            write_dicom_seg(label_array, affine, case.files, seg.label_names, outputs["dicom_seg"], seg.version)
+    with _writing("the statistics", case):
+        if "statistics_json" in outputs:
+            stats = label_statistics(label_array, np.asarray(image), affine, seg.label_names)
+            write_statistics(case.name, stats, outputs["statistics_json"], outputs["statistics_csv"])
+    with _writing("the preview", case):
+        if "preview" in outputs:
+            write_preview(np.asarray(image), label_array, affine, outputs["preview"], seg.label_names)
+    with _writing("the labelmap", case):
+        if "nifti" in outputs:
+            write_nifti_labels(label_array, affine, outputs["nifti"])
+
+
+@contextmanager
+def _writing(what: str, case: Case) -> Iterator[None]:
+    """Name the case and the output in a writer's error."""
+    try:
+        yield
+    except Exception as err:
+        raise RuntimeError(f"{case.path}: writing {what} failed ({_one_line(err)})") from err
+
+
+def _write_run_files(
+    report: SegmentReport, out_dir: Path, num_parts: int, part_id: int, statistics: bool, seconds: float
+) -> None:
+    """``report.json`` (``report_part<K>.json`` for one of several parts) and, with statistics, ``statistics.csv``."""
+    report.seconds = round(seconds, 3)
+    suffix = f"_part{part_id}" if num_parts > 1 else ""
+    if statistics:
+        rows = []
+        for case in report.cases:
+            path = case.outputs.get("statistics_json")
+            if case.status != "failed" and path and Path(path).exists():
+                rows.append((case.name, json.loads(Path(path).read_text())))
+        with atomic_output(out_dir / f"statistics{suffix}.csv") as tmp:
+            tmp.write_text(statistics_csv(rows))
+    with atomic_output(out_dir / f"report{suffix}.json") as tmp:
+        tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
+
+
+def _parse_formats(formats: str | Sequence[str]) -> list[str]:
+    wanted = [f.strip().lower() for f in _as_list(formats)]
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown or not wanted:
+        raise ValueError(f"formats must be a comma-separated subset of {', '.join(FORMATS)}, got {formats!r}.")
+    return list(dict.fromkeys(wanted))
+
+
+def _parse_parts(num_parts: int | None, part_id: int | None) -> tuple[int, int]:
+    """``num_parts``/``part_id`` as given, else torchrun's ``WORLD_SIZE``/``RANK``, else one part."""
+    if num_parts is None and part_id is None:
+        num_parts, part_id = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    num_parts = 1 if num_parts is None else int(num_parts)
+    part_id = 0 if part_id is None else int(part_id)
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"need num_parts ≥ 1 and 0 ≤ part_id < num_parts, got {num_parts} and {part_id}.")
+    return num_parts, part_id
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be auto, cpu or cuda:N, got {device!r}.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine.")
+    return resolved
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    import ic_moe_monai
+
+    return {"ic_moe_monai": ic_moe_monai.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "monai": monai.__version__, "itk": itk.Version.GetITKVersion()}  # fmt: skip
+
+
+def _label_names(bundle: Path, parser: ConfigParser) -> dict[int, str]:
+    """Label value → name from the bundle's ``channel_def`` (metadata.json), else the config's ``label_names``."""
+    metadata = bundle / "configs" / "metadata.json"
+    names = None
+    if metadata.is_file():
+        outputs = json.loads(metadata.read_text()).get("network_data_format", {}).get("outputs", {})
+        names = next(iter(outputs.values()), {}).get("channel_def")
+    if not names and "label_names" in parser:
+        names = parser.get_parsed_content("label_names")
+    return {int(k): str(v) for k, v in (names or {}).items()}
+
+
+def _bundle_version(bundle: Path) -> str:
+    metadata = bundle / "configs" / "metadata.json"
+    return str(json.loads(metadata.read_text()).get("version", "")) if metadata.is_file() else ""
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")

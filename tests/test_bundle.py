@@ -17,10 +17,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from ic_moe_monai.networks import ICMoE
-from ic_moe_monai.transforms import IntensityPresetd
 
 from .conftest import REPO_ROOT
-from .helpers import BUNDLE, CONFIGS, make_msd_folder
+from .helpers import BUNDLE, CONFIGS, expected_threshold_labels, make_msd_folder
 
 TINY = ["--max_train_cases", "4", "--max_val_cases", "2", "--slices_per_volume", "2", "--volumes_per_batch", "2",
         "--num_workers", "0", "--cache_rate", "0"]  # fmt: skip
@@ -211,11 +210,6 @@ def _write_volume(path: Path, affine: np.ndarray, shape=(64, 64, 64), seed=0) ->
     return data
 
 
-def _expected_threshold_labels(data: np.ndarray) -> np.ndarray:
-    scaled = np.asarray(IntensityPresetd("image", modality="mr")({"image": torch.from_numpy(data[None])})["image"])[0]
-    return np.digitize(scaled, [1 / 3, 2 / 3]).astype(np.uint8)
-
-
 def test_inference_geometry_round_trip(tmp_path):
     """Output labelmaps keep each input's exact shape and affine, with the voxels in the right place (RAS, LPS,
     oblique and permuted-axes inputs), using a pixel-wise threshold network whose answer is known."""
@@ -246,7 +240,7 @@ def test_inference_geometry_round_trip(tmp_path):
         assert out.shape == (64, 64, 64)
         np.testing.assert_allclose(out.affine, affine, atol=1e-4)
         assert out.get_data_dtype() == np.uint8
-        np.testing.assert_array_equal(np.asarray(out.dataobj), _expected_threshold_labels(data[name]))
+        np.testing.assert_array_equal(np.asarray(out.dataobj), expected_threshold_labels(data[name]))
 
 
 def ThresholdState() -> dict[str, torch.Tensor]:  # noqa: N802 - reads like the class it stands for

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
 from ic_moe_monai.data import DatasetError, case_name, datalist, find_cases, split_folds
-from ic_moe_monai.inferers import SliceContextInferer, neighbor_stack
+from ic_moe_monai.inferers import SliceContextInferer, channel_argmax, neighbor_stack
 from ic_moe_monai.networks import ICMoE
 from ic_moe_monai.transforms import IntensityPresetd, SliceNeighborsd
 
@@ -131,6 +132,9 @@ def test_volume_equals_slice_by_slice(shape):
     with torch.no_grad():
         result = inferer(volume, model)
         assert result.shape == (1, 3, *shape)
+        labels = SliceContextInferer(img_size=64, batch_size=4, argmax=True)(MetaTensor(volume), model)
+        assert labels.dtype == torch.uint8 and type(labels) is torch.Tensor
+        assert torch.equal(labels, result.argmax(dim=1, keepdim=True).to(torch.uint8))  # per batch = whole volume
         for z in range(shape[2]):
             lo, hi = max(z - 1, 0), min(z + 1, shape[2] - 1)
             stack = volume[0, 0, :, :, [lo, z, hi]].permute(2, 0, 1)[None]  # the true neighbours
@@ -165,3 +169,10 @@ def test_volume_stays_on_sw_device():
         out = inferer(torch.rand(1, 1, 64, 64, 40), model)
     assert out.device.type == "cpu" and out.dtype == torch.float32
     assert seen[-1] == (40, 40) and len(seen) == 3  # batches of 16
+
+
+def test_channel_argmax_matches_torch_with_ties():
+    logits = torch.randn(4, 5, 9, 7)
+    logits[:, 3] = logits[:, 1]  # exact ties go to the lower channel, as with argmax
+    logits[0, :, 0, 0] = 0.0
+    assert torch.equal(channel_argmax(logits), logits.argmax(dim=1, keepdim=True).to(torch.uint8))

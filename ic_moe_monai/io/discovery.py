@@ -51,8 +51,20 @@ class Case:
     kind: str  # "image" or "dicom"
     path: Path  # the image file, or the folder holding (most of) the series
     files: list[Path] = field(default_factory=list)  # DICOM files sorted along the slice normal
-    series_uid: str | None = None
+    series_uid: str | None = None  # "no-series-uid:<folder>" when the files have none
+    study_uid: str = ""
+    frame_of_reference_uid: str = ""
     description: str = ""
+
+    @property
+    def dicom_seg_problem(self) -> str | None:
+        """Why no DICOM SEG can reference this case, or None when one can."""
+        if self.kind != "dicom":
+            return "the input is not a DICOM series"
+        uids = {"StudyInstanceUID": self.study_uid, "SeriesInstanceUID": self.series_uid,
+                "FrameOfReferenceUID": self.frame_of_reference_uid}  # fmt: skip
+        missing = [name for name, uid in uids.items() if not uid or uid.startswith("no-series-uid")]
+        return f"the source series has no {' / '.join(missing)} to reference" if missing else None
 
 
 @dataclass
@@ -64,12 +76,23 @@ class Skipped:
     failure: bool = True  # a bad or rejected input; False for DICOM objects that are simply not images
 
 
-def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
-    """All cases under ``input_path`` (a file, a DICOM series folder, or a tree mixing them) and what was skipped."""
+def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -> tuple[list[Case], list[Skipped]]:
+    """All cases under ``input_path`` (a file, a DICOM series folder, or a tree mixing them) and what was skipped.
+
+    Args:
+        input_path: the file or folder to search.
+        exclude: folders left out of the search (e.g. an output folder inside the input).
+    """
     root = Path(input_path)
     if not root.exists():
         raise FileNotFoundError(f"input {root}: no such file or folder.")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    excluded = [Path(e).resolve() for e in exclude]
+
+    def kept(path: Path) -> bool:
+        resolved = path.resolve()
+        return not any(resolved == e or e in resolved.parents for e in excluded)
+
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and kept(p))
     cases: list[Case] = []
     skipped: list[Skipped] = []
     dicom_headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
@@ -95,6 +118,7 @@ def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
         uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
         dicom_headers[uid].append((path, header))
 
+    skipped.extend(Skipped(d, "empty folder: no files in it") for d in _empty_folders(root) if kept(d))
     for uid, members in dicom_headers.items():
         for group in _split_copies(members):
             problem = check_series_geometry([h for _, h in group])
@@ -107,9 +131,20 @@ def discover_cases(input_path: str | Path) -> tuple[list[Case], list[Skipped]]:
             description = " ".join(str(first.get(t, "")) for t in ("Modality", "SeriesDescription")).strip()
             cases.append(
                 Case(name=_series_name(folder, first), kind="dicom", path=folder, files=ordered, series_uid=uid,
-                     description=description)
+                     study_uid=str(first.get("StudyInstanceUID", "")),
+                     frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")), description=description)
             )  # fmt: skip
     return _unique_names(cases), skipped
+
+
+def _empty_folders(root: Path) -> list[Path]:
+    """The outermost visible folders under ``root`` (not ``root`` itself) without any file below them."""
+    if not root.is_dir():
+        return []
+    visible = (d for d in root.rglob("*") if not any(p.startswith(".") for p in d.relative_to(root).parts))
+    folders = sorted(d for d in visible if d.is_dir())
+    empty = {d for d in folders if not any(p.is_file() for p in d.rglob("*"))}
+    return [d for d in sorted(empty) if d.parent not in empty]
 
 
 def _split_copies(members: list[tuple[Path, pydicom.Dataset]]) -> list[list[tuple[Path, pydicom.Dataset]]]:

@@ -1,0 +1,318 @@
+"""Outputs of batch segmentation: NIfTI labelmaps, DICOM SEG, label statistics and preview images.
+
+Every writer goes through :func:`atomic_output`: the file is written under a hidden temporary name in the target
+folder and renamed when complete, so an interrupted run never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "PARTIAL_MARK",
+    "atomic_output",
+    "label_statistics",
+    "labels_to_dicom_frames",
+    "remove_partial_outputs",
+    "write_dicom_seg",
+    "write_nifti_labels",
+    "write_preview",
+    "write_statistics",
+]
+
+PARTIAL_MARK = ".partial"
+# Overlay colours of labels 1, 2, ... (RGB), repeated when there are more labels.
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
+# Type 2 attributes (required, may be empty) of the patient and study modules the SEG copies from its source.
+SOURCE_TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+IMAGE_STORAGE_BY_MODALITY = {"CT": pydicom.uid.CTImageStorage, "MR": pydicom.uid.MRImageStorage,
+                             "PT": pydicom.uid.PositronEmissionTomographyImageStorage}  # fmt: skip
+# LPS (DICOM) <-> RAS (NIfTI, MONAI) sign flip of the first two world axes.
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds, delete it otherwise.
+
+    The temporary name keeps the final suffix (writers pick their format from it) and starts with a dot.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}{''.join(path.suffixes)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_partial_outputs(folder: str | Path) -> list[Path]:
+    """Delete temporary files an interrupted (killed) run left in ``folder``; return them."""
+    stale = [p for p in Path(folder).glob(f".*{PARTIAL_MARK}*") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def write_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+    """A uint8 labelmap ``(X, Y, Z)`` with the RAS ``affine`` as NIfTI (sform and qform set, like MONAI's writer)."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    with atomic_output(path) as tmp:
+        nib.save(image, tmp)
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def label_statistics(
+    labels: np.ndarray, image: np.ndarray, affine: np.ndarray, label_names: Mapping[int, str]
+) -> dict[str, dict[str, float | int | None]]:
+    """Per-label voxel count, volume (mL) and mean image intensity (in the image's own units, e.g. HU).
+
+    Args:
+        labels: the labelmap ``(X, Y, Z)``.
+        image: the input image in the same grid.
+        affine: the voxel-to-world matrix (mm); its determinant gives the voxel volume.
+        label_names: label value → name; background (0) is left out.
+    """
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=max(label_names, default=0) + 1)
+    sums = np.bincount(labels.ravel(), weights=image.ravel().astype(np.float64), minlength=len(counts))
+    stats = {}
+    for value, name in sorted(label_names.items()):
+        if value == 0:
+            continue
+        n = int(counts[value]) if value < len(counts) else 0
+        stats[name] = {
+            "label": value,
+            "voxels": n,
+            "volume_ml": round(n * voxel_ml, 4),
+            "mean_intensity": round(float(sums[value]) / n, 4) if n else None,
+        }
+    return stats
+
+
+def write_statistics(case: str, stats: Mapping[str, Mapping], json_path: str | Path, csv_path: str | Path) -> None:
+    """One case's statistics as JSON (``{label name: {...}}``) and CSV (one row per label)."""
+    with atomic_output(json_path) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    with atomic_output(csv_path) as tmp:
+        tmp.write_text(statistics_csv([(case, stats)]))
+
+
+def statistics_csv(cases: Sequence[tuple[str, Mapping[str, Mapping]]]) -> str:
+    """CSV text with the columns ``case, label, name, voxels, volume_ml, mean_intensity``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "label", "name", "voxels", "volume_ml", "mean_intensity"])
+    for case, stats in cases:
+        for name, row in stats.items():
+            mean = "" if row["mean_intensity"] is None else row["mean_intensity"]
+            writer.writerow([case, row["label"], name, row["voxels"], row["volume_ml"], mean])
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------ preview
+def write_preview(
+    image: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    path: str | Path,
+    label_names: Mapping[int, str],
+    height: int = 256,
+) -> None:
+    """A PNG with axial, coronal and sagittal slices through the labelled region, labels overlaid in colour.
+
+    Views are in radiological convention (patient right on the image left, anterior and superior up), with the
+    physical aspect ratio, each ``height`` pixels high, and a legend of the label names.
+    """
+    import nibabel as nib
+
+    orientation = nib.orientations.io_orientation(affine)  # how to reach RAS+ by flips and permutations
+    ras_image = nib.orientations.apply_orientation(image, orientation)
+    ras_labels = nib.orientations.apply_orientation(labels, orientation)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(orientation[:, 0])]
+    centre = _label_centre(ras_labels)
+    low, high = np.percentile(ras_image, [1, 99])
+    gray = np.clip((ras_image - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    views = [  # (image rows, image columns), row/column spacings
+        (gray[::-1, ::-1, centre[2]].T, ras_labels[::-1, ::-1, centre[2]].T, spacing[1], spacing[0]),  # axial
+        (gray[::-1, centre[1], ::-1].T, ras_labels[::-1, centre[1], ::-1].T, spacing[2], spacing[0]),  # coronal
+        (gray[centre[0], ::-1, ::-1].T, ras_labels[centre[0], ::-1, ::-1].T, spacing[2], spacing[1]),  # sagittal
+    ]
+    panels = [_overlay(g, lab, dr, dc, height) for g, lab, dr, dc in views]
+    legend = [(PALETTE[(v - 1) % len(PALETTE)], n) for v, n in sorted(label_names.items()) if v != 0]
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), height + 16), (0, 0, 0))
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + 4
+    draw, font, x = ImageDraw.Draw(canvas), ImageFont.load_default(), 2
+    for colour, name in legend:
+        draw.rectangle([x, height + 4, x + 8, height + 12], fill=colour)
+        draw.text((x + 11, height + 2), name, fill=(255, 255, 255), font=font)
+        x += 11 + int(draw.textlength(name, font=font)) + 10
+    with atomic_output(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def _label_centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """The centroid voxel of the foreground, or the volume centre when there is none."""
+    foreground = np.argwhere(labels > 0)
+    if len(foreground) == 0:
+        return tuple(s // 2 for s in labels.shape)
+    return tuple(int(np.rint(c)) for c in foreground.mean(axis=0))
+
+
+def _overlay(gray: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, height: int) -> Image.Image:
+    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        colour = np.array(PALETTE[(int(value) - 1) % len(PALETTE)], dtype=np.float32)
+        mask = labels == value
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * colour
+    width = max(1, round(height * (gray.shape[1] * col_mm) / (gray.shape[0] * row_mm)))
+    return Image.fromarray(rgb.astype(np.uint8)).resize((width, height), Image.Resampling.NEAREST)
+
+
+# ---------------------------------------------------------------------------------------------------- DICOM SEG
+def labels_to_dicom_frames(labels: np.ndarray, affine: np.ndarray, headers: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """The labelmap's frame under each source DICOM image, ``(len(headers), Rows, Columns)``.
+
+    ``labels`` ``(X, Y, Z)`` with its RAS ``affine`` must lie on the series' own grid (as ITK reads a series); each
+    image's position and orientation locate its frame, so the order of ``headers`` is free.
+
+    Raises:
+        ValueError: when an image does not lie on a slice of the labelmap's grid.
+    """
+    inverse = np.linalg.inv(affine)
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    frames = []
+    for header in headers:
+        orientation = np.array([float(v) for v in header.ImageOrientationPatient])
+        row_dir, col_dir = orientation[:3] * LPS_TO_RAS, orientation[3:] * LPS_TO_RAS  # along a row, a column
+        col_axis, row_axis = _matching_axis(axes, row_dir), _matching_axis(axes, col_dir)
+        if col_axis is None or row_axis is None or col_axis == row_axis:
+            raise ValueError(f"image {header.get('SOPInstanceUID', '?')}: its orientation is not the volume's.")
+        slice_axis = 3 - col_axis - row_axis
+        origin = np.array([float(v) for v in header.ImagePositionPatient]) * LPS_TO_RAS
+        index = inverse[:3, :3] @ origin + inverse[:3, 3]
+        k = int(np.rint(index[slice_axis]))
+        col_forward, row_forward = axes[:, col_axis] @ row_dir > 0, axes[:, row_axis] @ col_dir > 0
+        corner = {col_axis: 0 if col_forward else labels.shape[col_axis] - 1,
+                  row_axis: 0 if row_forward else labels.shape[row_axis] - 1}  # fmt: skip
+        on_grid = abs(index[slice_axis] - k) < 0.1 and 0 <= k < labels.shape[slice_axis]
+        if not on_grid or any(abs(index[a] - v) > 0.1 for a, v in corner.items()):
+            raise ValueError(f"image {header.get('SOPInstanceUID', '?')}: not on a slice of the volume's grid.")
+        frame = np.moveaxis(np.take(labels, k, axis=slice_axis), 0 if row_axis < col_axis else 1, 0)  # (rows, cols)
+        frame = frame if col_forward else frame[:, ::-1]
+        frame = frame if row_forward else frame[::-1, :]
+        if frame.shape != (int(header.Rows), int(header.Columns)):
+            raise ValueError(f"image {header.get('SOPInstanceUID', '?')}: its matrix size is not the volume's.")
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def _matching_axis(axes: np.ndarray, direction: np.ndarray) -> int | None:
+    alignment = np.abs(axes.T @ direction)
+    best = int(np.argmax(alignment))
+    return best if alignment[best] > 0.999 else None
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    source_files: Sequence[str | Path],
+    label_names: Mapping[int, str],
+    path: str | Path,
+    algorithm_version: str = "",
+) -> None:
+    """A binary DICOM Segmentation (one segment per non-background label) referencing the source series.
+
+    Args:
+        labels: the labelmap ``(X, Y, Z)`` in the series' grid.
+        affine: its RAS voxel-to-world matrix.
+        source_files: the series' DICOM files.
+        label_names: label value → name (from the bundle's ``channel_def``); background (0) is left out.
+        path: the ``.dcm`` file to write.
+        algorithm_version: recorded in the segments' algorithm identification.
+    """
+    headers = [_clean_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in source_files]
+    frames = labels_to_dicom_frames(labels, affine, headers)
+    with warnings.catch_warnings():  # pydicom's nits about the source's own values (e.g. one-part person names)
+        warnings.simplefilter("ignore", UserWarning)
+        seg = _segmentation(headers, frames, label_names, algorithm_version)
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp)
+
+
+def _clean_header(header: pydicom.Dataset) -> pydicom.Dataset:
+    """Make good, in memory, what anonymisers and old scanners leave out of a source header that the SEG copies:
+    type 2 patient/study attributes (present, possibly empty), the SOP instance and class UIDs (from the file meta,
+    or the class from the modality), and an empty SpecificCharacterSet (the default repertoire anyway)."""
+    for keyword in SOURCE_TYPE2_ATTRIBUTES:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    file_meta = getattr(header, "file_meta", None)
+    if not header.get("SOPInstanceUID") and getattr(file_meta, "MediaStorageSOPInstanceUID", None):
+        header.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+    if not header.get("SOPClassUID"):
+        from_meta = getattr(file_meta, "MediaStorageSOPClassUID", None)
+        by_modality = IMAGE_STORAGE_BY_MODALITY.get(str(header.get("Modality", "")).upper())
+        header.SOPClassUID = from_meta or by_modality or pydicom.uid.SecondaryCaptureImageStorage
+    if "SpecificCharacterSet" in header and not header.SpecificCharacterSet:
+        del header.SpecificCharacterSet
+    return header
+
+
+def _segmentation(
+    headers: Sequence[pydicom.Dataset], frames: np.ndarray, label_names: Mapping[int, str], algorithm_version: str
+):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="IC-MoE", version=algorithm_version or "unknown", family=codes.cid7162.ArtificialIntelligence
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=value,
+            segment_label=name,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.AnatomicalStructure,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for value, name in sorted(label_names.items())
+        if value != 0
+    ]
+    return hd.seg.Segmentation(
+        source_images=headers,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=int(headers[0].get("SeriesNumber") or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="IC-MoE",
+        manufacturer_model_name="IC-MoE MONAI bundle",
+        software_versions=algorithm_version or "unknown",
+        device_serial_number="0",
+        series_description="IC-MoE segmentation",
+    )
