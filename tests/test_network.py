@@ -81,6 +81,11 @@ def test_prompts_are_batch_aligned():
     assert not torch.allclose(boxed, both)
     # image 1 with its own prompt gives the same answer alone as inside the batch
     torch.testing.assert_close(prompted[1:], single, atol=1e-5, rtol=1e-5)
+    # the cached-embedding path gives the forward's answer
+    with torch.no_grad():
+        embedding, image = model.image_features(x)
+        cached = model.predict_from_embedding(embedding, image, points=points, point_labels=labels)
+    torch.testing.assert_close(cached, prompted, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="point_labels"):
         model(x, points=points)
     with pytest.raises(ValueError, match="boxes must be"):

@@ -316,6 +316,36 @@ class ICMoE(nn.Module):
         hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         return (hyper @ upscaled.flatten(2)).reshape(b, md.num_mask_tokens, *upscaled.shape[-2:])
 
+    # ------------------------------------------------------------------------------------ interactive use
+    def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt-independent part of the forward: ``(embedding (B, out_chans, h, w), preprocessed image)``.
+
+        Cache both per image to answer further prompts on it with :meth:`predict_from_embedding` alone.
+        """
+        self._check_input(x)
+        image = self.preprocess(x)
+        return self.encode(image), image
+
+    def predict_from_embedding(
+        self,
+        embedding: torch.Tensor,
+        image: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, K+1, H, W)`` from :meth:`image_features`' outputs and optional prompts (as in ``forward``)."""
+        sparse, dense = self.embed_prompts(embedding.shape[0], points, point_labels, boxes)
+        detail = None if self.detail_branch is None else partial(self.detail_branch, image)
+        low_res = self.decode(embedding, sparse, dense, detail)
+        return F.interpolate(low_res, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"ICMoE expects input (B, {self.in_channels}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
+            )
+
     # ------------------------------------------------------------------------------------------------ forward
     def forward(
         self,
@@ -336,17 +366,11 @@ class ICMoE(nn.Module):
             IC-MoE layers, ``expert_logits`` ``(B, L, h, w, E, K+1)``, ``router_logits`` and ``router_weights``
             ``(B, L, h, w, E)``, plus ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(
-                f"ICMoE expects input (B, {self.in_channels}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
-            )
+        self._check_input(x)
         image = self.preprocess(x)
         tokens, aux = self.encode_tokens(image)
         embedding = self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
-        sparse, dense = self.embed_prompts(x.shape[0], points, point_labels, boxes)
-        detail = None if self.detail_branch is None else partial(self.detail_branch, image)
-        low_res = self.decode(embedding, sparse, dense, detail)
-        logits = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.predict_from_embedding(embedding, image, points, point_labels, boxes)
         if not self.training:
             return logits
         out = {"logits": logits, "embeddings": self.projection_head(tokens)}
