@@ -125,7 +125,8 @@ class ResumeCheckpointLoader:
 
     Training checkpoints are written by MONAI's ``CheckpointSaver(save_interval=..., file_prefix="checkpoint")``
     with the network, optimiser, scheduler and trainer state; the trainer's epoch and iteration are restored, so
-    ``max_epochs`` counts from the start of the first run. Nothing happens when there is no checkpoint.
+    ``max_epochs`` counts from the start of the first run. Nothing happens when there is no checkpoint, or when the
+    newest one already reached ``max_epochs`` (that run finished: training starts afresh).
     Loading goes through MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``).
 
     Args:
@@ -151,9 +152,22 @@ class ResumeCheckpointLoader:
         if path is None:
             logger.info("resume: no training checkpoint in %s, starting afresh.", self.ckpt_dir)
             return
+        finished = _checkpoint_epoch(path)
+        if finished is not None and finished >= engine.state.max_epochs:
+            # a finished run is not resumed: the same command (e.g. MONAI Label's /train) trains anew
+            logger.info("resume: %s ended the last run (epoch %d of %d), starting afresh.", path.name, finished,
+                        engine.state.max_epochs)  # fmt: skip
+            return
         logger.info("resume: loading %s", path)
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
         self.loaded = path
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The trainer epoch stored in a training checkpoint, or None when it has none."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trainer = state.get("trainer") if isinstance(state, dict) else None
+    return int(trainer["epoch"]) if isinstance(trainer, dict) and "epoch" in trainer else None
 
 
 class CaseMetricsWriter:

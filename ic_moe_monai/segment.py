@@ -110,14 +110,19 @@ class BundleSegmenter:
         ckpt = Path(parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
             raise FileNotFoundError(f"bundle {bundle}: no trained weights at {ckpt}.")
-        self.network.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        self.network.eval()
+        self.ckpt_path = ckpt
+        self.load_weights()
         transforms = parser.get_parsed_content("preprocessing").transforms
         self.preprocessing = Compose([t for t in transforms if type(t).__name__ != "LoadImaged"])
         self.inferer = parser.get_parsed_content("inferer")
         if isinstance(self.inferer, SliceContextInferer):
             self.inferer.argmax = True  # labels per slice batch: the volume's logits are never held at once
         self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+
+    def load_weights(self) -> None:
+        """(Re)load the checkpoint into the network, e.g. after a training run replaced it."""
+        self.network.load_state_dict(torch.load(self.ckpt_path, map_location=self.device, weights_only=True))
+        self.network.eval()
 
     def preprocess(self, image: MetaTensor) -> dict[str, Any]:
         """The bundle's preprocessing of a loaded ``(X, Y, Z)`` image (a channel is added)."""

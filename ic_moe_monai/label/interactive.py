@@ -1,0 +1,242 @@
+"""Click-driven refinement of the automatic segmentation with SAM prompts, with cached image embeddings.
+
+:class:`InteractiveSegmenter` is the engine behind the interactive MONAI Label model; it needs no MONAI Label and
+is tested on its own. The first request on an image runs the automatic segmentation slice by slice and keeps
+every slice's image embedding; a click then runs only SAM's prompt encoder and mask decoder on its slice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+
+from ic_moe_monai.inferers import channel_argmax, neighbor_stack
+from ic_moe_monai.io import Case
+from ic_moe_monai.segment import BundleSegmenter, load_case
+
+__all__ = ["ClickError", "InteractiveSegmenter", "parse_clicks"]
+
+
+class ClickError(ValueError):
+    """Malformed clicks or label in a request; the message says which and why."""
+
+
+@dataclass
+class _CachedImage:
+    data: dict[str, Any]  # the bundle's preprocessing output: "image" (1, X, Y, Z) in the network's orientation
+    original_affine: np.ndarray  # the loaded image's affine, in which clicks are given
+    original_shape: tuple[int, int, int]
+    inputs: torch.Tensor  # (Z, C, S, S) preprocessed network inputs, for the detail branch
+    embeddings: torch.Tensor  # (Z, D, h, w) image embeddings
+    auto: torch.Tensor  # (X, Y, Z) uint8 automatic labels in the preprocessed grid
+
+
+def parse_clicks(clicks: Any, shape: Sequence[int], name: str) -> np.ndarray:
+    """Validate a click list ``[[x, y, z], ...]`` (voxel indices of the image as loaded) → ``(N, 3)`` floats.
+
+    Raises:
+        ClickError: when it is not a list of three numbers each, or a click lies outside the image.
+    """
+    if clicks is None:
+        return np.zeros((0, 3))
+    if isinstance(clicks, (str, bytes)) or not isinstance(clicks, Sequence):
+        raise ClickError(f"{name} must be a list of [x, y, z] voxel indices, got {clicks!r:.80}.")
+    parsed = []
+    for click in clicks:
+        if (
+            isinstance(click, (str, bytes))
+            or not isinstance(click, Sequence)
+            or len(click) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in click)
+        ):
+            raise ClickError(f"{name}: each click must be [x, y, z] (three numbers), got {click!r:.80}.")
+        if not all(-0.5 <= v < s - 0.5 for v, s in zip(click, shape, strict=True)):
+            raise ClickError(f"{name}: click {list(click)} lies outside the image of shape {tuple(shape)}.")
+        parsed.append([float(v) for v in click])
+    return np.asarray(parsed, dtype=np.float64).reshape(-1, 3)
+
+
+class InteractiveSegmenter:
+    """Automatic segmentation refined by foreground / background clicks, one bundle, several images cached.
+
+    Args:
+        bundle: the bundle folder; its network must be an :class:`~ic_moe_monai.networks.ICMoE` and its inferer a
+            :class:`~ic_moe_monai.inferers.SliceContextInferer` in ``resize`` mode.
+        configs: config files merged after ``inference.json``.
+        device: where the network runs.
+        max_images: images whose embeddings stay cached (least recently used ones are dropped).
+        click_radius: the refinement reaches this far from a click, in voxels of the slice (default: 15 % of the
+            slice's larger side, at least 5); the mask is left as it is beyond.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        configs: Sequence[str] = (),
+        device: torch.device | str = "cpu",
+        max_images: int = 4,
+        click_radius: float | None = None,
+    ) -> None:
+        self.segmenter = BundleSegmenter(bundle, list(configs), torch.device(device), batch_size=16)
+        self.network = self.segmenter.network
+        self.inferer = self.segmenter.inferer
+        if not hasattr(self.network, "image_features") or getattr(self.inferer, "mode", None) != "resize":
+            raise ValueError(f"bundle {bundle}: interactive use needs an ICMoE network and a resize-mode inferer.")
+        self.label_names = self.segmenter.label_names
+        self.max_images = max_images
+        self.click_radius = click_radius
+        self._cache: OrderedDict[tuple[str, float], _CachedImage] = OrderedDict()
+        self._lock = threading.Lock()
+        self._weights_mtime = os.path.getmtime(self.segmenter.ckpt_path)
+
+    # ------------------------------------------------------------------------------------------------ API
+    def __call__(
+        self,
+        image_path: str | Path,
+        foreground: Any = None,
+        background: Any = None,
+        label: int | str | None = None,
+    ) -> tuple[MetaTensor, dict[str, Any]]:
+        """Labels ``(1, X, Y, Z)`` (uint8) in the image's own geometry, and facts about the answer.
+
+        Args:
+            image_path: a NIfTI / NRRD / MHA file.
+            foreground: clicks ``[[x, y, z], ...]`` in voxel indices of the image as loaded, on the object.
+            background: clicks off the object.
+            label: the label the clicks are about (value or name; default the first label).
+        """
+        start = time.perf_counter()
+        value = self._label_value(label)
+        with self._lock:
+            self._reload_if_retrained()
+            cached, hit = self._cached(Path(image_path))
+            fg = parse_clicks(foreground, cached.original_shape, "foreground")
+            bg = parse_clicks(background, cached.original_shape, "background")
+            labels, slices = self._refine(cached, fg, bg, value)
+            data = dict(cached.data)
+            data["pred"] = MetaTensor(
+                labels[None], meta=dict(data["image"].meta), applied_operations=list(data["image"].applied_operations)
+            )
+            result = self.segmenter.inverter(data)["pred"]
+        info = {"label_names": {name: v for v, name in self.label_names.items()}, "label": value,
+                "refined_slices": slices, "embedding_cache": "hit" if hit else "miss",
+                "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
+        return result, info
+
+    # ------------------------------------------------------------------------------------------------ cache
+    def _reload_if_retrained(self) -> None:
+        """New weights (a training run replaced the checkpoint) make every cached embedding stale."""
+        mtime = os.path.getmtime(self.segmenter.ckpt_path)
+        if mtime != self._weights_mtime:
+            self.segmenter.load_weights()
+            self._cache.clear()
+            self._weights_mtime = mtime
+
+    def _cached(self, path: Path) -> tuple[_CachedImage, bool]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file.")
+        key = (str(path.resolve()), os.path.getmtime(path))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key], True
+        image = load_case(Case(name=path.name, kind="image", path=path))
+        entry = self._embed(image)
+        self._cache[key] = entry
+        while len(self._cache) > self.max_images:
+            self._cache.popitem(last=False)
+        return entry, False
+
+    @torch.inference_mode()
+    def _embed(self, image: MetaTensor) -> _CachedImage:
+        """Run the automatic segmentation as the bundle's inferer does, keeping each slice's embedding."""
+        data = self.segmenter.preprocess(image)
+        volume = data["image"][0].as_tensor()  # (X, Y, Z)
+        size = (self.inferer.img_size,) * 2
+        inputs, embeddings, auto = [], [], torch.empty(volume.shape, dtype=torch.uint8)
+        for start in range(0, volume.shape[-1], self.inferer.batch_size):
+            indices = torch.arange(start, min(start + self.inferer.batch_size, volume.shape[-1]))
+            stack = neighbor_stack(volume, indices, self.inferer.context).float().to(self.segmenter.device)
+            if tuple(stack.shape[-2:]) != size:
+                stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
+            x = stack
+            embedding, net_input = self.network.image_features(x)
+            logits = self._to_slice(self.network.predict_from_embedding(embedding, net_input), volume.shape[:2])
+            auto[..., indices] = channel_argmax(logits)[:, 0].permute(1, 2, 0).cpu()
+            inputs.append(net_input)
+            embeddings.append(embedding)
+        return _CachedImage(data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
+                            original_shape=tuple(image.shape), inputs=torch.cat(inputs),
+                            embeddings=torch.cat(embeddings), auto=auto)  # fmt: skip
+
+    @staticmethod
+    def _to_slice(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        if tuple(logits.shape[-2:]) == tuple(shape):
+            return logits
+        return F.interpolate(logits.float(), size=tuple(shape), mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------------------------------------ clicks
+    def _label_value(self, label: int | str | None) -> int:
+        names = {name.lower(): v for v, name in self.label_names.items() if v != 0}
+        if label is None or label == "":
+            return min(names.values())
+        if isinstance(label, str) and label.lower() in names:
+            return names[label.lower()]
+        if isinstance(label, (int, str)) and str(label).isdigit() and int(label) in names.values():
+            return int(label)
+        raise ClickError(f"label {label!r} is not one of the model's labels {sorted(names)}.")
+
+    @torch.inference_mode()
+    def _refine(self, cached: _CachedImage, fg: np.ndarray, bg: np.ndarray, value: int) -> tuple[torch.Tensor, list]:
+        """The automatic labels, re-decoded with the clicks as prompts on each clicked slice near the clicks."""
+        labels = cached.auto.clone()
+        if len(fg) + len(bg) == 0:
+            return labels, []
+        grid = np.linalg.inv(np.asarray(cached.data["image"].affine, dtype=np.float64)) @ cached.original_affine
+        points = np.concatenate([fg, bg]) @ grid[:3, :3].T + grid[:3, 3]  # voxel indices in the preprocessed grid
+        points = np.rint(points).astype(int)
+        is_fg = np.array([True] * len(fg) + [False] * len(bg))
+        shape = labels.shape
+        radius = self.click_radius or max(5.0, 0.15 * max(shape[0], shape[1]))
+        slices = sorted({int(z) for z in points[:, 2]})
+        for z in slices:
+            on_slice = points[:, 2] == z
+            pts, positive = points[on_slice, :2], is_fg[on_slice]
+            prompted = self._prompted(cached, z, pts, positive)  # (X, Y) labels
+            rows, cols = np.ogrid[: shape[0], : shape[1]]
+            near = np.zeros(shape[:2], dtype=bool)
+            for i, j in pts:
+                near |= (rows - i) ** 2 + (cols - j) ** 2 <= radius**2
+            near = torch.from_numpy(near)
+            plane = labels[..., z]
+            plane[near & (plane == value)] = 0
+            plane[near & (prompted == value)] = value
+            for (i, j), positive_click in zip(pts, positive, strict=True):  # a click always holds at its voxel
+                if positive_click:
+                    plane[i, j] = value
+                elif plane[i, j] == value:
+                    plane[i, j] = 0
+        return labels, slices
+
+    def _prompted(self, cached: _CachedImage, z: int, pts: np.ndarray, positive: np.ndarray) -> torch.Tensor:
+        """Labels of slice ``z`` decoded with the clicks as SAM point prompts (cached embedding, decoder only)."""
+        shape = cached.auto.shape[:2]
+        scale = np.array([self.inferer.img_size / shape[1], self.inferer.img_size / shape[0]])
+        xy = (pts[:, ::-1] + 0.5) * scale - 0.5  # SAM points are (x = column, y = row) in input pixels
+        device = self.segmenter.device
+        points = torch.as_tensor(xy, dtype=torch.float32, device=device)[None]
+        point_labels = torch.as_tensor(positive.astype(np.int64), device=device)[None]
+        logits = self.network.predict_from_embedding(
+            cached.embeddings[z : z + 1], cached.inputs[z : z + 1], points=points, point_labels=point_labels
+        )
+        return channel_argmax(self._to_slice(logits, shape))[0, 0].cpu()
