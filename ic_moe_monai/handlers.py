@@ -167,7 +167,13 @@ def _checkpoint_epoch(path: Path) -> int | None:
     """The trainer epoch stored in a training checkpoint, or None when it has none."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     trainer = state.get("trainer") if isinstance(state, dict) else None
-    return int(trainer["epoch"]) if isinstance(trainer, dict) and "epoch" in trainer else None
+    if not isinstance(trainer, dict):
+        return None
+    if "epoch" in trainer:
+        return int(trainer["epoch"])
+    if trainer.get("iteration") is not None and trainer.get("epoch_length"):  # what ignite's state_dict holds
+        return int(trainer["iteration"]) // int(trainer["epoch_length"])
+    return None
 
 
 class CaseMetricsWriter:

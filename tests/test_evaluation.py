@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,26 @@ def test_latest_checkpoint_by_epoch(tmp_path):
         torch.save({}, tmp_path / f"checkpoint_epoch={epoch}.pt")
     torch.save({}, tmp_path / "model.pt")
     assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=10.pt"
+
+
+def test_resume_loads_an_unfinished_run_only(tmp_path):
+    """A run stopped before max_epochs resumes; a finished one is not resumed (the same command trains anew)."""
+    from ic_moe_monai.handlers import ResumeCheckpointLoader
+
+    net = torch.nn.Linear(2, 2)
+    for epoch in (1, 3):  # checkpoints as CheckpointSaver writes them: the trainer's own state_dict
+        trainer = Engine(lambda e, b: None)
+        trainer.run([0] * 5, max_epochs=epoch)
+        state = {"model": net.state_dict(), "trainer": trainer.state_dict()}
+        torch.save(state, tmp_path / f"checkpoint_epoch={epoch}.pt")
+
+    def run(max_epochs: int) -> tuple[int, Path | None]:
+        engine = Engine(lambda e, b: None)
+        engine.state.max_epochs = max_epochs
+        loader = ResumeCheckpointLoader(tmp_path, {"model": net, "trainer": engine})
+        loader.attach(engine)
+        engine.run([0] * 5, max_epochs=max_epochs)
+        return engine.state.epoch, loader.loaded
+
+    assert run(5) == (5, tmp_path / "checkpoint_epoch=3.pt")  # epochs 4 and 5 only
+    assert run(3) == (3, None)  # epoch 3 of 3 was the end of that run: start afresh

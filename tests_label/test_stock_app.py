@@ -60,6 +60,11 @@ def test_info_infer_train_then_infer_with_new_weights(stock_server, tmp_path):
     assert again.shape == study.shape
     assert "Reload model from cache" in stock_server.log.read_text()  # /infer picked up the new weights
 
+    once_more = _md5(weights)  # a second /train trains again (the finished first run is not "resumed")
+    trained = requests.post(f"{stock_server.url}/train/ic_moe", params={"run_sync": "true"},
+                            json={"max_epochs": 1, "device": "cpu"}, timeout=900)  # fmt: skip
+    assert trained.status_code == 200 and _md5(weights) != once_more
+
 
 def test_concurrent_requests_and_unknown_image(stock_server, tmp_path):
     reference = np.asarray(_labelmap(stock_server.infer("ic_moe", "hippocampus_007"), tmp_path / "r.nii.gz").dataobj)
