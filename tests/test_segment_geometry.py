@@ -187,3 +187,27 @@ def test_shared_dicom_collection_seg_overlays_the_labelmap(tmp_path, shared_data
             np.testing.assert_allclose(index, np.rint(index), atol=0.05, err_msg=case.name)
             i, j, k = np.rint(index).astype(int).transpose(2, 0, 1)
             np.testing.assert_array_equal(data[i, j, k], frame, err_msg=case.name)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
+def test_nrrd_and_metaimage_inputs(tmp_path, threshold_config, suffix):
+    """NRRD and MetaImage (one file, or header + .raw) with a non-trivial direction: labels and geometry kept."""
+    import itk
+
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 1000, (SIZE, SIZE, SIZE)).astype(np.int16)  # ITK order: (z, y, x)
+    image = itk.image_from_array(data)
+    image.SetSpacing([0.7, 0.9, 2.0])
+    image.SetOrigin([5.0, -3.0, 12.0])
+    image.SetDirection(itk.matrix_from_array(OBLIQUE))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    itk.imwrite(image, str(studies / f"volume{suffix}"))
+    report = segment(str(studies), str(tmp_path / "out"), bundle=str(BUNDLE), config=threshold_config, quiet=True)
+    assert report.exit_code == 0 and [c.name for c in report.cases] == ["volume"]
+    out = nib.load(tmp_path / "out" / "volume.nii.gz")
+    expected_affine = np.eye(4)
+    expected_affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ OBLIQUE @ np.diag([0.7, 0.9, 2.0])  # LPS → RAS
+    expected_affine[:3, 3] = np.array([-5.0, 3.0, 12.0])
+    np.testing.assert_allclose(out.affine, expected_affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected_threshold_labels(data.transpose(2, 1, 0)))
