@@ -113,11 +113,13 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path 
     if not candidates:
         return None
 
-    def order(path: Path) -> tuple[int, float]:
-        digits = "".join(ch if ch.isdigit() else " " for ch in path.stem).split()
-        return (int(digits[-1]) if digits else -1, path.stat().st_mtime)
+    return max(candidates, key=lambda path: (_epoch_in_name(path), path.stat().st_mtime))
 
-    return max(candidates, key=order)
+
+def _epoch_in_name(path: Path) -> int:
+    """The epoch CheckpointSaver put in a checkpoint's name (``checkpoint_epoch=N.pt``), or -1."""
+    digits = "".join(ch if ch.isdigit() else " " for ch in path.stem).split()
+    return int(digits[-1]) if digits else -1
 
 
 class ResumeCheckpointLoader:
@@ -152,8 +154,8 @@ class ResumeCheckpointLoader:
         if path is None:
             logger.info("resume: no training checkpoint in %s, starting afresh.", self.ckpt_dir)
             return
-        finished = _checkpoint_epoch(path)
-        if finished is not None and finished >= engine.state.max_epochs:
+        finished = _epoch_in_name(path)
+        if finished >= engine.state.max_epochs:
             # a finished run is not resumed: the same command (e.g. MONAI Label's /train) trains anew
             logger.info("resume: %s ended the last run (epoch %d of %d), starting afresh.", path.name, finished,
                         engine.state.max_epochs)  # fmt: skip
@@ -161,19 +163,6 @@ class ResumeCheckpointLoader:
         logger.info("resume: loading %s", path)
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
         self.loaded = path
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    """The trainer epoch stored in a training checkpoint, or None when it has none."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    trainer = state.get("trainer") if isinstance(state, dict) else None
-    if not isinstance(trainer, dict):
-        return None
-    if "epoch" in trainer:
-        return int(trainer["epoch"])
-    if trainer.get("iteration") is not None and trainer.get("epoch_length"):  # what ignite's state_dict holds
-        return int(trainer["iteration"]) // int(trainer["epoch_length"])
-    return None
 
 
 class CaseMetricsWriter:
