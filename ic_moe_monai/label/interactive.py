@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from ic_moe_monai.inferers import channel_argmax, neighbor_stack
+from ic_moe_monai.inferers import channel_argmax
 from ic_moe_monai.io import Case
 from ic_moe_monai.segment import BundleSegmenter, load_case
 
@@ -159,25 +159,21 @@ class InteractiveSegmenter:
 
     @torch.inference_mode()
     def _embed(self, image: MetaTensor) -> _CachedImage:
-        """Run the automatic segmentation as the bundle's inferer does, keeping each slice's embedding."""
+        """The bundle's automatic segmentation through its own inferer, keeping each slice's embedding on the way."""
         data = self.segmenter.preprocess(image)
-        volume = data["image"][0].as_tensor()  # (X, Y, Z)
-        size = (self.inferer.img_size,) * 2
-        inputs, embeddings, auto = [], [], torch.empty(volume.shape, dtype=torch.uint8)
-        for start in range(0, volume.shape[-1], self.inferer.batch_size):
-            indices = torch.arange(start, min(start + self.inferer.batch_size, volume.shape[-1]))
-            stack = neighbor_stack(volume, indices, self.inferer.context).float().to(self.segmenter.device)
-            if tuple(stack.shape[-2:]) != size:
-                stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
-            x = stack
+        inputs, embeddings = [], []
+
+        def recording_network(x: torch.Tensor) -> torch.Tensor:  # the inferer's slice batches arrive in order
             embedding, net_input = self.network.image_features(x)
-            logits = self._to_slice(self.network.predict_from_embedding(embedding, net_input), volume.shape[:2])
-            auto[..., indices] = channel_argmax(logits)[:, 0].permute(1, 2, 0).cpu()
             inputs.append(net_input)
             embeddings.append(embedding)
+            return self.network.predict_from_embedding(embedding, net_input)
+
+        self.inferer.progress = None
+        labels = self.inferer(data["image"][None].to(self.segmenter.device), recording_network)  # (1, 1, X, Y, Z)
         return _CachedImage(data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
                             original_shape=tuple(image.shape), inputs=torch.cat(inputs),
-                            embeddings=torch.cat(embeddings), auto=auto)  # fmt: skip
+                            embeddings=torch.cat(embeddings), auto=labels[0, 0].cpu())  # fmt: skip
 
     @staticmethod
     def _to_slice(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
