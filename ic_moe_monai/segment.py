@@ -104,8 +104,9 @@ class BundleSegmenter:
         parser["device"] = f"$torch.device('{device}')"
         parser["inference_batch_size"] = batch_size
         self.device = device
-        self.label_names = _label_names(bundle, parser)
-        self.version = _bundle_version(bundle)
+        metadata = _read_metadata(bundle)
+        self.label_names = _label_names(metadata, parser)
+        self.version = str(metadata.get("version", ""))
         self.network = parser.get_parsed_content("network")
         ckpt = Path(parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
@@ -460,21 +461,18 @@ def _versions() -> dict[str, str]:
             "torch": torch.__version__, "monai": monai.__version__, "itk": itk.Version.GetITKVersion()}  # fmt: skip
 
 
-def _label_names(bundle: Path, parser: ConfigParser) -> dict[int, str]:
+def _label_names(metadata: dict[str, Any], parser: ConfigParser) -> dict[int, str]:
     """Label value → name from the bundle's ``channel_def`` (metadata.json), else the config's ``label_names``."""
-    metadata = bundle / "configs" / "metadata.json"
-    names = None
-    if metadata.is_file():
-        outputs = json.loads(metadata.read_text()).get("network_data_format", {}).get("outputs", {})
-        names = next(iter(outputs.values()), {}).get("channel_def")
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    names = next(iter(outputs.values()), {}).get("channel_def")
     if not names and "label_names" in parser:
         names = parser.get_parsed_content("label_names")
     return {int(k): str(v) for k, v in (names or {}).items()}
 
 
-def _bundle_version(bundle: Path) -> str:
-    metadata = bundle / "configs" / "metadata.json"
-    return str(json.loads(metadata.read_text()).get("version", "")) if metadata.is_file() else ""
+def _read_metadata(bundle: Path) -> dict[str, Any]:
+    path = bundle / "configs" / "metadata.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
