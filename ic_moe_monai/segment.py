@@ -16,6 +16,7 @@ import os
 import platform
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -331,16 +332,12 @@ class _CaseLoader:
         return self._futures()
 
     def _futures(self) -> Iterator[Future]:
-        if self.pool is None:
-            for case in self.cases:
-                yield self._submit(case)
-            return
-        queue = [self._submit(c) for c in self.cases[: self.ahead]]
-        for i in range(len(self.cases)):
-            current = queue.pop(0)
-            if i + self.ahead < len(self.cases):
-                queue.append(self._submit(self.cases[i + self.ahead]))
-            yield current
+        pending = iter(self.cases)
+        queue: deque[Future] = deque()
+        for _ in self.cases:
+            while len(queue) <= self.ahead and (case := next(pending, None)) is not None:
+                queue.append(self._submit(case))  # the current case and up to `ahead` after it
+            yield queue.popleft()
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
