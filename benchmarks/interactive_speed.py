@@ -7,7 +7,8 @@ The first request on an image runs the automatic segmentation and caches every s
 click on a slice runs only SAM's prompt encoder and mask decoder there. In process: ``InteractiveSegmenter`` calls
 (the engine). With ``--http`` (in the MONAI Label environment): the same through a real IC-MoE MONAI Label server on
 127.0.0.1, request to answer, labelmap file included. Each image gets one first click and 5 further clicks on the
-same slice; the report gives medians over images and the ratio first / further.
+same slice; the report gives medians over images and the ratio first / further. It also records how many voxels
+a single click changes on the bundle's sample volume (``click_effect``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ def in_process(images: list[Path]) -> dict:
             engine(image, foreground=clicks)
             (first if n == 0 else further).append(time.perf_counter() - start)
     return _summary(first, further)
+
+
+def click_effect(image: Path) -> dict:
+    """How many voxels one click changes against the automatic answer, with the shipped weights: a foreground click
+    on a background voxel and a background click on an ``anterior`` voxel, each at the middle such voxel."""
+    import numpy as np
+
+    from ic_moe_monai.label import InteractiveSegmenter
+
+    engine = InteractiveSegmenter(REPO / "bundle")
+    auto = np.asarray(engine(image)[0][0])
+    effect = {"image": image.name}
+    for name, where, key in (("foreground_click_on_background", auto == 0, "foreground"),
+                             ("background_click_on_anterior", auto == 1, "background")):  # fmt: skip
+        voxels = np.argwhere(where)
+        click = voxels[len(voxels) // 2].tolist()
+        refined = np.asarray(engine(image, label=1, **{key: [click]})[0][0])
+        effect[name] = {"click": click, "changed_voxels": int((refined != auto).sum())}
+    return effect
 
 
 def over_http(images: list[Path]) -> dict:
@@ -120,6 +140,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     results["in_process"] = in_process(images) | {"machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
     print("in process", json.dumps(results["in_process"]), flush=True)
+    results["click_effect"] = click_effect(REPO / "bundle" / "sample_data" / "hippocampus_003.nii.gz")
+    print("click effect", json.dumps(results["click_effect"]), flush=True)
     if args.http:
         results["http"] = over_http(images) | {"machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
         print("http", json.dumps(results["http"]), flush=True)
