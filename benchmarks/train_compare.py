@@ -2,11 +2,13 @@
 validation fold with the bundle's evaluation command, and report them side by side.
 
     python benchmarks/train_compare.py --dataset_dir DIR [--minutes 60] [--profiles lite baseline_unet]
-        [--epochs lite=30 baseline_unet=120] [--work runs/compare] [--ship]
+        [--epochs lite=30 baseline_unet=120] [--set click_prob=0] [--name NAME] [--work runs/compare] [--ship]
 
 Every number comes from the commands' own outputs: training time is the wall time of ``run training``,
 accuracy is ``metrics_summary.json`` of ``run evaluating`` (MONAI convention, HD95 in mm). ``--ship`` copies the
-``lite`` run's best checkpoint to ``bundle/models/model.pt``. Results go to ``benchmarks/results/train_compare.json``;
+``lite`` run's best checkpoint to ``bundle/models/model.pt``. ``--set key=value`` passes overrides to the training
+command (e.g. ``click_prob=0`` trains without click prompts); ``--name`` files a single profile's result under
+another name. Results go to ``benchmarks/results/train_compare.json``;
 profiles run at another time are merged into it, each with the date and machine it ran on.
 """
 
@@ -55,19 +57,25 @@ def main() -> None:
     parser.add_argument("--work", default="runs/compare")
     parser.add_argument("--out", default="benchmarks/results/train_compare.json")
     parser.add_argument("--ship", action="store_true", help="copy the lite model to bundle/models/model.pt")
+    parser.add_argument("--set", nargs="*", default=[], help="key=value overrides of the training config")
+    parser.add_argument("--name", default=None, help="the result's name (one profile only; default the profile)")
     args = parser.parse_args()
     epochs = dict(item.split("=") for item in args.epochs)
+    overrides = [part for item in args.set for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+    if args.name and len(args.profiles) != 1:
+        parser.error("--name needs exactly one profile")
 
     results = {}
     for profile in args.profiles:
-        run = Path(args.work).resolve() / profile
+        name = args.name or profile
+        run = Path(args.work).resolve() / name
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         common = ["--dataset_dir", args.dataset_dir, "--fold", str(args.fold), "--ckpt_dir", str(run / "models")]
         train_s = bundle_run(
             ["training", "--config_file", config_list("train.json", f"{profile}.json"), *common,
              "--output_dir", str(run / "tb"), "--max_train_minutes", str(args.minutes),
-             "--max_epochs", epochs.get(profile, "40"), "--resume", "false"],
+             "--max_epochs", epochs.get(profile, "40"), "--resume", "false", *overrides],
             run / "train.log",
         )  # fmt: skip
         eval_s = bundle_run(
@@ -77,7 +85,9 @@ def main() -> None:
         )  # fmt: skip
         summary = json.loads((run / "eval" / "metrics_summary.json").read_text())
         epochs_done = (run / "train.log").read_text().count("Key metric: val_mean_dice best value")
-        results[profile] = {
+        results[name] = {
+            "profile": profile,
+            "overrides": args.set,
             "train_wall_min": round(train_s / 60, 1),
             "epochs_completed": epochs_done,
             "eval_wall_s": round(eval_s, 1),
@@ -99,7 +109,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine_info(),
         }
-        print(profile, json.dumps(results[profile]), flush=True)
+        print(name, json.dumps(results[name]), flush=True)
         if args.ship and profile == "lite":
             shutil.copy(run / "models" / "model.pt", REPO / "bundle" / "models" / "model.pt")
 

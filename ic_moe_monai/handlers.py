@@ -18,7 +18,13 @@ from monai.handlers import CheckpointLoader
 from ic_moe_monai.data import case_name
 from ic_moe_monai.evaluation import case_metrics, write_reports
 
-__all__ = ["CaseMetricsWriter", "LossTermsAverager", "ResumeCheckpointLoader", "latest_checkpoint"]
+__all__ = [
+    "CaseMetricsWriter",
+    "LossTermsAverager",
+    "ResumeCheckpointLoader",
+    "latest_checkpoint",
+    "load_pretrained_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,37 @@ def _epoch_in_name(path: Path) -> int:
     """The epoch CheckpointSaver put in a checkpoint's name (``checkpoint_epoch=N.pt``), or -1."""
     digits = "".join(ch if ch.isdigit() else " " for ch in path.stem).split()
     return int(digits[-1]) if digits else -1
+
+
+def load_pretrained_weights(network: torch.nn.Module, path: str | Path | None) -> bool:
+    """Start a training from a model's weights (fine-tuning), e.g. the shipped ``models/model.pt``.
+
+    Accepts a plain state dict or a training checkpoint with a ``"model"`` entry, and a network wrapped in
+    DistributedDataParallel. A resumed checkpoint (:class:`ResumeCheckpointLoader`) is loaded later, when the
+    engine starts, so an interrupted fine-tuning continues from its own last epoch.
+
+    Returns:
+        False when ``path`` is empty (nothing to load), True once loaded.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds no weights that fit the network (the message names the file).
+    """
+    if not path:
+        return False
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path}: no such file.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    try:
+        target.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    except (RuntimeError, AttributeError) as err:
+        raise ValueError(f"pretrained weights {path} do not fit the network: {str(err).splitlines()[0]}") from err
+    logger.info("fine-tuning from %s", path)
+    return True
 
 
 class ResumeCheckpointLoader:

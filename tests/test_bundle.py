@@ -150,11 +150,15 @@ def test_training_resumes_from_last_checkpoint(tmp_path, tiny_task, trained):
 
 @pytest.mark.slow
 def test_multi_process_gloo_training(tmp_path, tiny_task):
-    bundle_cli(
+    """Two ranks fine-tune the shipped weights with click prompts on every batch (the extra no-grad forward that
+    places the clicks must run on both ranks alike)."""
+    result = bundle_cli(
         "run", "training", "--config_file", configs("train.json", "multi_gpu_train.json"),
         "--dataset_dir", str(tiny_task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
-        "--max_epochs", "1", *TINY, torchrun=2,
+        "--max_epochs", "1", *TINY, "--click_prob", "1.0", "--pretrained_ckpt", str(BUNDLE / "models" / "model.pt"),
+        torchrun=2,
     )  # fmt: skip
+    assert "fine-tuning from" in result.stdout + result.stderr
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     ICMoE(num_classes=2, img_size=64, encoder="lite").load_state_dict(state)
