@@ -15,6 +15,7 @@ deterministic. Several checkpoints can be compared in one run (``--weights name=
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -84,8 +85,14 @@ def evaluate(weights: Path, cases: list[dict[str, str]], clicks: int) -> dict:
     per_label = {name: [round(statistics.mean(c[k] for c in cs), 4) for k in range(clicks + 1)]
                  for name, cs in curves.items()}  # fmt: skip
     mean = [round(statistics.mean(per_label[n][k] for n in per_label), 4) for k in range(clicks + 1)]
-    return {"weights": str(weights), "cases": len(cases), "mean_dice_after_clicks": mean,
-            "dice_after_clicks": per_label, "wall_s": round(seconds, 1)}  # fmt: skip
+    return {
+        "weights": weights.name,
+        "weights_md5": hashlib.md5(weights.read_bytes()).hexdigest(),
+        "cases": len(cases),
+        "mean_dice_after_clicks": mean,
+        "dice_after_clicks": per_label,
+        "wall_s": round(seconds, 1),
+    }
 
 
 def main() -> None:
