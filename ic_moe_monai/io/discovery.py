@@ -126,7 +126,8 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
             if problem:
                 skipped.append(Skipped(folder, f"DICOM series {uid} ({len(group)} files): {problem}"))
                 continue
-            ordered = [p for p, _ in sorted(group, key=lambda m: _position_along_normal(m[1]))]
+            along = _positions_along_normal([h for _, h in group])
+            ordered = [group[i][0] for i in np.argsort(along, kind="stable")]
             first = group[0][1]
             description = " ".join(str(first.get(t, "")) for t in ("Modality", "SeriesDescription")).strip()
             cases.append(
@@ -179,8 +180,7 @@ def check_series_geometry(headers: list[pydicom.Dataset], tolerance: float = 0.1
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         distinct = len({tuple(np.round(o, 3)) for o in orientations})
         return f"inconsistent orientation: {distinct} different ImageOrientationPatient values"
-    row, col = orientations[0, :3], orientations[0, 3:]
-    normal = np.cross(row, col)
+    normal = _slice_normal(headers[0])
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
     along = positions @ normal
     order = np.argsort(along)
@@ -230,10 +230,15 @@ def _read_header(path: Path) -> pydicom.Dataset | str:
         return f"unreadable DICOM file ({type(err).__name__}: {err})"
 
 
-def _position_along_normal(header: pydicom.Dataset) -> float:
+def _slice_normal(header: pydicom.Dataset) -> np.ndarray:
     orientation = [float(v) for v in header.ImageOrientationPatient]
-    normal = np.cross(orientation[:3], orientation[3:])
-    return float(np.asarray([float(v) for v in header.ImagePositionPatient]) @ normal)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _positions_along_normal(headers: list[pydicom.Dataset]) -> np.ndarray:
+    """Each slice's ImagePositionPatient projected on the series' slice normal (one normal: the first slice's)."""
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    return positions @ _slice_normal(headers[0])
 
 
 def _common_folder(paths: Iterable[Path]) -> Path:
