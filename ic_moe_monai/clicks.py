@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ic_moe_monai.inferers import _logits, channel_argmax
+
 __all__ = ["ClickPromptBatch", "simulate_clicks"]
 
 PAD = -1  # SAM's label for "no point"
@@ -32,6 +34,11 @@ def _sample_interior(region: np.ndarray, rng: np.random.Generator) -> tuple[int,
     return divmod(int(index), region.shape[1])
 
 
+def _click_anywhere(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, int, int]:
+    """A background click on a random pixel: for a slice with nothing to segment."""
+    return int(rng.integers(shape[0])), int(rng.integers(shape[1])), 0
+
+
 def _slice_clicks(
     gt: np.ndarray, pred: np.ndarray | None, max_clicks: int, band: int, rng: np.random.Generator
 ) -> list[tuple[int, int, int]]:
@@ -39,7 +46,7 @@ def _slice_clicks(
     present = set(np.unique(gt).tolist()) | (set(np.unique(pred).tolist()) if pred is not None else set())
     present.discard(0)
     if not present:  # nothing to segment: a background click anywhere says so
-        return [(int(rng.integers(gt.shape[0])), int(rng.integers(gt.shape[1])), 0)]
+        return [_click_anywhere(gt.shape, rng)]
     target = int(rng.choice(sorted(present)))
     inside = gt == target
     clicks = []
@@ -62,7 +69,7 @@ def _slice_clicks(
         point = _sample_interior(inside if positive else near, rng)
         if point is not None:
             clicks.append((*point, positive))
-    return clicks or [(int(rng.integers(gt.shape[0])), int(rng.integers(gt.shape[1])), 0)]
+    return clicks or [_click_anywhere(gt.shape, rng)]
 
 
 def simulate_clicks(
@@ -163,6 +170,4 @@ class ClickPromptBatch:
     @torch.no_grad()
     def _predict(self, image: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=image.device.type, enabled=self.amp):
-            out = self.network(image)
-        logits = out["logits"] if isinstance(out, Mapping) else out
-        return logits.argmax(dim=1)
+            return channel_argmax(_logits(self.network(image)))
