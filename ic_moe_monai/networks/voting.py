@@ -48,5 +48,8 @@ class TopKRouter(nn.Module):
     def route(self, logits: torch.Tensor) -> RouterOutput:
         """Top-k selection and renormalised weights for given router logits ``(..., E)``."""
         top_logits, indices = logits.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(logits).scatter(-1, indices, torch.softmax(top_logits, dim=-1))
+        # Under CUDA autocast softmax runs in float32 while the logits are float16 / bfloat16, and scatter does not
+        # promote: build the weights in the softmax's own dtype.
+        top_weights = torch.softmax(top_logits, dim=-1)
+        weights = top_weights.new_zeros(logits.shape).scatter(-1, indices, top_weights)
         return RouterOutput(logits, weights, indices)
