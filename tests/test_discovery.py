@@ -174,23 +174,23 @@ def test_broken_symlinks_are_listed_as_skipped(tmp_path):
     }
 
 
-def test_mixed_photometric_interpretation_is_rejected(tmp_path):
-    import numpy as np
+def test_mixed_photometric_interpretation_is_rejected(tmp_path, dicom_root):
     import pydicom
 
-    from .helpers import write_dicom_series
+    series = tmp_path / "series"
+    shutil.copytree(dicom_root / "dcmqi_ct3slice_with_seg" / "series", series)
+    files = sorted(series.iterdir())
 
-    files = write_dicom_series(tmp_path / "s", np.zeros((4, 8, 8), dtype=np.int16))
-    for f in files[:2]:
-        ds = pydicom.dcmread(f)
-        ds.PhotometricInterpretation = "MONOCHROME1"
-        ds.save_as(f)
+    def set_photometric(paths, value):
+        for f in paths:
+            ds = pydicom.dcmread(f)
+            ds.PhotometricInterpretation = value
+            ds.save_as(f)
+
+    set_photometric(files[:1], "MONOCHROME1")
     cases, skipped = discover_cases(tmp_path)
     assert cases == [] and len(skipped) == 1
-    assert "mixed PhotometricInterpretation between slices (2 MONOCHROME1, 2 MONOCHROME2)" in skipped[0].reason
-    for f in files[2:]:  # a pure MONOCHROME1 series is a case (the reader inverts it)
-        ds = pydicom.dcmread(f)
-        ds.PhotometricInterpretation = "MONOCHROME1"
-        ds.save_as(f)
+    assert "mixed PhotometricInterpretation between slices (1 MONOCHROME1, 2 MONOCHROME2)" in skipped[0].reason
+    set_photometric(files[1:], "MONOCHROME1")  # a pure MONOCHROME1 series is a case (the reader inverts it)
     cases, skipped = discover_cases(tmp_path)
     assert len(cases) == 1 and skipped == []

@@ -118,6 +118,8 @@ class ICMoEApp(MONAILabelApp):
             return super().infer(request, datastore)
         except (ClickError, ImageError) as err:
             raise HTTPException(status_code=422, detail=_without_paths(str(err), path, shown)) from err
+        except FileNotFoundError as err:  # e.g. an upload removed or a session expired meanwhile
+            raise HTTPException(status_code=404, detail=_without_paths(str(err), path, shown)) from err
 
     def _image_source(self, request: dict[str, Any], store) -> tuple[Path, str]:
         """The image file a request refers to and how to name it in answers; 404 for anything else.
