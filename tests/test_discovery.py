@@ -119,3 +119,78 @@ def test_compressed_transfer_syntaxes_decode_with_pydicom(dicom_root, folder):
     assert all(p.shape == (256, 256) for p in pixels)
     # the four folders hold the same images in different (lossless) encodings
     assert all(np.array_equal(a, b) for a, b in zip(pixels, reference, strict=True))
+
+
+def _unreadable(monkeypatch, folders):
+    """Make ``folders`` unreadable: by permissions, and (root reads anything) by refusing to list them."""
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if any(os.fspath(path) == os.fspath(f) for f in folders):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for folder in folders:
+        folder.chmod(0)
+
+
+def test_unreadable_folders_are_named_with_the_os_reason(tmp_path, monkeypatch, hippocampus_dir):
+    root = tmp_path / "in"
+    (root / "locked").mkdir(parents=True)
+    (root / "locked" / "case.nii.gz").write_bytes(b"x")
+    (root / "open").mkdir()
+    shutil.copy(hippocampus_dir / "imagesTr" / "hippocampus_003.nii.gz", root / "open" / "a.nii.gz")
+    try:
+        _unreadable(monkeypatch, [root / "locked"])
+        cases, skipped = discover_cases(root)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert [c.name for c in cases] == ["a"]
+    assert [(s.path, s.reason, s.failure) for s in skipped] == [
+        (root / "locked", "cannot read the folder: Permission denied", True)
+    ]  # not "empty folder"
+    try:
+        _unreadable(monkeypatch, [root])
+        cases, skipped = discover_cases(root)
+    finally:
+        root.chmod(0o755)
+    assert cases == [] and [(s.path, s.reason) for s in skipped] == [
+        (root, "cannot read the input folder: Permission denied")
+    ]
+
+
+def test_broken_symlinks_are_listed_as_skipped(tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (tmp_path / "study" / "gone.dcm").symlink_to("missing.dcm")
+    cases, skipped = discover_cases(tmp_path)
+    assert cases == []
+    assert {(s.path.name, s.reason) for s in skipped} == {
+        ("gone.dcm", "broken symbolic link: its target does not exist"),
+        ("gone.nii.gz", "broken symbolic link: its target does not exist"),
+    }
+
+
+def test_mixed_photometric_interpretation_is_rejected(tmp_path, dicom_root):
+    import pydicom
+
+    series = tmp_path / "series"
+    shutil.copytree(dicom_root / "dcmqi_ct3slice_with_seg" / "series", series)
+    files = sorted(series.iterdir())
+
+    def set_photometric(paths, value):
+        for f in paths:
+            ds = pydicom.dcmread(f)
+            ds.PhotometricInterpretation = value
+            ds.save_as(f)
+
+    set_photometric(files[:1], "MONOCHROME1")
+    cases, skipped = discover_cases(tmp_path)
+    assert cases == [] and len(skipped) == 1
+    assert "mixed PhotometricInterpretation between slices (1 MONOCHROME1, 2 MONOCHROME2)" in skipped[0].reason
+    set_photometric(files[1:], "MONOCHROME1")  # a pure MONOCHROME1 series is a case (the reader inverts it)
+    cases, skipped = discover_cases(tmp_path)
+    assert len(cases) == 1 and skipped == []

@@ -3,13 +3,16 @@
 DICOM files are grouped by SeriesInstanceUID (one case per series, wherever its files lie); objects that are not
 images (SEG, RTSTRUCT, SR, presentation states, ...) are skipped. Each series is checked before it becomes a case,
 and rejected with a precise reason when it cannot be a volume: a single or two slices, differing orientations or
-matrix sizes, duplicate slice positions, missing slices, non-uniform spacing, or gantry tilt (slices not stacked
-along their normal). Only headers are read here; pixels are read when the case is loaded.
+matrix sizes, mixed MONOCHROME1 / MONOCHROME2 slices or colour images, duplicate slice positions, missing slices,
+non-uniform spacing, or gantry tilt (slices not stacked along their normal). Folders that cannot be read and broken
+symbolic links are listed as skipped with the reason. Only headers are read here; pixels are read when the case is
+loaded.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -92,9 +95,10 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
         resolved = path.resolve()
         return not any(resolved == e or e in resolved.parents for e in excluded)
 
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and kept(p))
+    walk = _walk(root, kept)
+    files = walk.files
     cases: list[Case] = []
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = list(walk.problems)
     dicom_headers: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     for path in files:
         if any(part.startswith(".") for part in path.relative_to(root if root.is_dir() else root.parent).parts):
@@ -118,7 +122,7 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
         uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
         dicom_headers[uid].append((path, header))
 
-    skipped.extend(Skipped(d, "empty folder: no files in it") for d in _empty_folders(root) if kept(d))
+    skipped.extend(Skipped(d, "empty folder: no files in it") for d in walk.empty_folders)
     for uid, members in dicom_headers.items():
         for group in _split_copies(members):
             problem = check_series_geometry([h for _, h in group])
@@ -138,14 +142,59 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
     return _unique_names(cases), skipped
 
 
-def _empty_folders(root: Path) -> list[Path]:
-    """The outermost visible folders under ``root`` (not ``root`` itself) without any file below them."""
+@dataclass
+class _Walk:
+    files: list[Path] = field(default_factory=list)  # regular files (or links to them), sorted
+    problems: list[Skipped] = field(default_factory=list)  # unreadable folders, broken links
+    empty_folders: list[Path] = field(default_factory=list)  # outermost visible folders with nothing below them
+
+
+def _walk(root: Path, kept) -> _Walk:
+    """The files under ``root`` (symbolic links to folders are not followed, hidden entries are left out), and the
+    folders that cannot be read (with the OS reason) and broken links met on the way."""
+    result = _Walk()
     if not root.is_dir():
-        return []
-    visible = (d for d in root.rglob("*") if not any(p.startswith(".") for p in d.relative_to(root).parts))
-    folders = sorted(d for d in visible if d.is_dir())
-    empty = {d for d in folders if not any(p.is_file() for p in d.rglob("*"))}
-    return [d for d in sorted(empty) if d.parent not in empty]
+        result.files = [root]
+        return result
+    unreadable: dict[Path, str] = {}
+    has_content: set[Path] = set()  # folders with a file, a broken link or an unreadable folder below them
+
+    def on_error(err: OSError) -> None:
+        unreadable[Path(err.filename)] = err.strerror or type(err).__name__
+
+    for folder, dirs, names in os.walk(root, onerror=on_error):
+        here = Path(folder)
+        if any(n.startswith(".") for n in (*dirs, *names)):
+            has_content.update((here / "_").parents)  # hidden files are no inputs, but the folder is not empty
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and kept(here / d))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = here / name
+            if path.is_file() and kept(path):
+                result.files.append(path)
+            elif path.is_symlink() and not path.exists():
+                result.problems.append(Skipped(path, "broken symbolic link: its target does not exist"))
+            else:
+                continue  # sockets, FIFOs and other special files are no inputs
+            has_content.update(path.parents)
+    for folder, reason in sorted(unreadable.items()):
+        what = "input folder" if folder == root else "folder"
+        result.problems.append(Skipped(folder, f"cannot read the {what}: {reason}"))
+        has_content.update(folder.parents)
+        has_content.add(folder)
+    result.files.sort()
+    candidates = sorted(d for d in _visible_folders(root, kept) if d not in has_content)
+    empty = set(candidates)
+    result.empty_folders = [d for d in candidates if d.parent not in empty]
+    return result
+
+
+def _visible_folders(root: Path, kept) -> list[Path]:
+    folders = []
+    for folder, dirs, _ in os.walk(root, onerror=lambda err: None):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and kept(here / d)]
+        folders.extend(here / d for d in dirs if not (here / d).is_symlink())
+    return folders
 
 
 def _split_copies(members: list[tuple[Path, pydicom.Dataset]]) -> list[list[tuple[Path, pydicom.Dataset]]]:
@@ -176,6 +225,9 @@ def check_series_geometry(headers: list[pydicom.Dataset], tolerance: float = 0.1
         return "slices without ImagePositionPatient / ImageOrientationPatient: the geometry is unknown"
     if len({(int(h.get("Rows", 0)), int(h.get("Columns", 0))) for h in headers}) > 1:
         return "inconsistent matrix size between slices"
+    photometric = _photometric_problem(headers)
+    if photometric:
+        return photometric
     orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         distinct = len({tuple(np.round(o, 3)) for o in orientations})
@@ -209,6 +261,20 @@ def check_series_geometry(headers: list[pydicom.Dataset], tolerance: float = 0.1
         else:
             problems.append(f"non-uniform slice spacing: gaps from {gaps.min():.2f} to {gaps.max():.2f} mm")
     return "; ".join(problems) or None
+
+
+def _photometric_problem(headers: list[pydicom.Dataset]) -> str | None:
+    """A series whose slices mix MONOCHROME1 (low values bright) and MONOCHROME2, or that is not grayscale."""
+    kinds = [str(h.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() or "MONOCHROME2" for h in headers]
+    counts = {k: kinds.count(k) for k in sorted(set(kinds))}
+    if len(counts) > 1:
+        listed = ", ".join(f"{n} {k}" for k, n in counts.items())
+        return (
+            f"mixed PhotometricInterpretation between slices ({listed}): their intensities are inverted to each other"
+        )
+    if kinds[0] not in ("MONOCHROME1", "MONOCHROME2") or any(int(h.get("SamplesPerPixel") or 1) != 1 for h in headers):
+        return f"PhotometricInterpretation {kinds[0]}: not a grayscale image"
+    return None
 
 
 def _tilt_degrees(positions: np.ndarray, normal: np.ndarray) -> float:

@@ -1,7 +1,9 @@
 """Outputs of batch segmentation: NIfTI labelmaps, DICOM SEG, label statistics and preview images.
 
 Every writer goes through :func:`atomic_output`: the file is written under a hidden temporary name in the target
-folder and renamed when complete, so an interrupted run never leaves a partial file under the final name.
+folder and renamed when complete, so an interrupted run never leaves a partial file under the final name. The
+temporary name carries the writing run's id (host, process id, random token): :func:`remove_partial_outputs` removes
+only the leftovers of runs that are gone, never those of a run still writing into the same folder.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import csv
 import io
 import json
 import os
+import re
+import secrets
+import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -21,10 +28,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "PARTIAL_MARK",
+    "SegmentCode",
     "atomic_output",
+    "exclusive_lock",
     "label_statistics",
     "labels_to_dicom_frames",
+    "read_segment_codes",
     "remove_partial_outputs",
+    "run_id",
     "write_dicom_seg",
     "write_nifti_labels",
     "write_preview",
@@ -44,14 +55,29 @@ IMAGE_STORAGE_BY_MODALITY = {"CT": pydicom.uid.CTImageStorage, "MR": pydicom.uid
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 
+# ------------------------------------------------------------------------------------------- temporary files
+_RUN: dict[str, str] = {}
+_PARTIAL = re.compile(re.escape(PARTIAL_MARK) + r"~(?P<host>[^~/]+)~(?P<pid>[0-9]+)~(?P<token>[0-9a-f]+)")
+
+
+def run_id() -> str:
+    """This process's id in temporary names: ``host~pid~token`` (the token tells apart reused process ids)."""
+    pid = str(os.getpid())
+    if _RUN.get("pid") != pid:  # a forked child is another run
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+        _RUN.update(pid=pid, id=f"{host}~{pid}~{secrets.token_hex(4)}")
+    return _RUN["id"]
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds, delete it otherwise.
 
-    The temporary name keeps the final suffix (writers pick their format from it) and starts with a dot.
+    The temporary name starts with a dot, carries this run's id (:func:`run_id`) and keeps the final suffix
+    (writers pick their format from it): ``.<name>.partial~<host>~<pid>~<token><suffixes>``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}{''.join(path.suffixes)}")
+    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}~{run_id()}{''.join(path.suffixes)}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -60,11 +86,59 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def remove_partial_outputs(folder: str | Path) -> list[Path]:
-    """Delete temporary files an interrupted (killed) run left in ``folder``; return them."""
-    stale = [p for p in Path(folder).glob(f".*{PARTIAL_MARK}*") if p.is_file()]
-    for p in stale:
-        p.unlink()
+    """Delete the temporary files that runs which are gone left in ``folder``; return them.
+
+    A leftover is removed when its run ran on this host and its process no longer exists, or when it has no run id
+    (older versions). Files of live runs, and of runs on other hosts (a shared folder), are kept.
+    """
+    stale = []
+    for p in Path(folder).glob(f".*{PARTIAL_MARK}*"):
+        if not p.is_file():
+            continue
+        owner = _PARTIAL.search(p.name)
+        if owner is None or (owner["host"] == run_id().split("~")[0] and not _process_alive(int(owner["pid"]))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[bool]:
+    """Try to hold an advisory lock on ``path`` (created if needed) for the block; yield whether it is held.
+
+    The lock ends with the block or with the process (the OS drops it), so a killed run never leaves a stale lock.
+    Where the OS has no ``fcntl`` (Windows) the lock is always granted.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    path = Path(path)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
@@ -234,6 +308,46 @@ def _matching_axis(axes: np.ndarray, direction: np.ndarray) -> int | None:
     return best if alignment[best] > 0.999 else None
 
 
+@dataclass(frozen=True)
+class SegmentCode:
+    """A coded concept of a DICOM SEG segment: (code value, coding scheme, meaning), e.g. SCT 5366008 Hippocampus."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any], where: str) -> SegmentCode:
+        try:
+            return cls(str(entry["code"]), str(entry["scheme"]), str(entry["meaning"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: a code needs 'code', 'scheme' and 'meaning', got {entry!r:.120}.") from err
+
+
+# The category and type of a segment whose label has no code of its own: SCT 91723000 "Anatomical Structure" (the
+# category of DICOM CID 7150 Segmentation Property Categories).
+GENERIC_CODE = SegmentCode("91723000", "SCT", "Anatomical Structure")
+
+
+def read_segment_codes(metadata: Mapping[str, Any]) -> dict[int, dict[str, SegmentCode]]:
+    """Label value → ``{"category", "type"[, "modifier"]}`` from a bundle's ``metadata.json`` ``segment_codes``.
+
+    ``segment_codes`` maps label values (as strings) to ``{"category": {"code", "scheme", "meaning"}, "type": {...},
+    "modifier": {...}}`` (modifier optional); labels it leaves out get the generic code.
+
+    Raises:
+        ValueError: an entry that is not such a mapping.
+    """
+    codes: dict[int, dict[str, SegmentCode]] = {}
+    for key, entry in (metadata.get("segment_codes") or {}).items():
+        where = f"metadata segment_codes[{key!r}]"
+        if not str(key).isdigit() or not isinstance(entry, Mapping) or not {"category", "type"} <= set(entry):
+            raise ValueError(f"{where}: a label value with 'category' and 'type' codes is needed.")
+        codes[int(key)] = {part: SegmentCode.from_json(entry[part], f"{where}.{part}")
+                           for part in ("category", "type", "modifier") if part in entry}  # fmt: skip
+    return codes
+
+
 def write_dicom_seg(
     labels: np.ndarray,
     affine: np.ndarray,
@@ -241,6 +355,7 @@ def write_dicom_seg(
     label_names: Mapping[int, str],
     path: str | Path,
     algorithm_version: str = "",
+    segment_codes: Mapping[int, Mapping[str, SegmentCode]] | None = None,
 ) -> None:
     """A binary DICOM Segmentation (one segment per non-background label) referencing the source series.
 
@@ -251,14 +366,29 @@ def write_dicom_seg(
         label_names: label value → name (from the bundle's ``channel_def``); background (0) is left out.
         path: the ``.dcm`` file to write.
         algorithm_version: recorded in the segments' algorithm identification.
+        segment_codes: label value → coded category, type and optional modifier (:func:`read_segment_codes`);
+            labels without one are coded as the generic "Anatomical Structure".
     """
     headers = [_clean_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in source_files]
     frames = labels_to_dicom_frames(labels, affine, headers)
+    _share_orientation(headers)
     with warnings.catch_warnings():  # pydicom's nits about the source's own values (e.g. one-part person names)
         warnings.simplefilter("ignore", UserWarning)
-        seg = _segmentation(headers, frames, label_names, algorithm_version)
+        seg = _segmentation(headers, frames, label_names, algorithm_version, segment_codes or {})
     with atomic_output(path) as tmp:
         seg.save_as(tmp)
+
+
+def _share_orientation(headers: Sequence[pydicom.Dataset], tolerance: float = 1e-3) -> None:
+    """Give the (in-memory) headers the first one's ImageOrientationPatient when they all agree within
+    ``tolerance``, as the series check does: highdicom needs them identical, and scanners write values that differ
+    in the last digits."""
+    first = [float(v) for v in headers[0].ImageOrientationPatient]
+    for header in headers[1:]:
+        if max(abs(float(a) - b) for a, b in zip(header.ImageOrientationPatient, first, strict=True)) > tolerance:
+            return
+    for header in headers[1:]:
+        header.ImageOrientationPatient = list(headers[0].ImageOrientationPatient)
 
 
 def _clean_header(header: pydicom.Dataset) -> pydicom.Dataset:
@@ -281,7 +411,11 @@ def _clean_header(header: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _segmentation(
-    headers: Sequence[pydicom.Dataset], frames: np.ndarray, label_names: Mapping[int, str], algorithm_version: str
+    headers: Sequence[pydicom.Dataset],
+    frames: np.ndarray,
+    label_names: Mapping[int, str],
+    algorithm_version: str,
+    segment_codes: Mapping[int, Mapping[str, SegmentCode]],
 ):
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -289,18 +423,28 @@ def _segmentation(
     algorithm = hd.AlgorithmIdentificationSequence(
         name="IC-MoE", version=algorithm_version or "unknown", family=codes.cid7162.ArtificialIntelligence
     )
-    segments = [
-        hd.seg.SegmentDescription(
+
+    def concept(code: SegmentCode) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+    segments = []
+    for value, name in sorted(label_names.items()):
+        if value == 0:
+            continue
+        coded = segment_codes.get(value, {})
+        segment = hd.seg.SegmentDescription(
             segment_number=value,
             segment_label=name,
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.AnatomicalStructure,
+            segmented_property_category=concept(coded.get("category", GENERIC_CODE)),
+            segmented_property_type=concept(coded.get("type", GENERIC_CODE)),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         )
-        for value, name in sorted(label_names.items())
-        if value != 0
-    ]
+        if "modifier" in coded:  # highdicom has no argument for it: (0062,0011) inside the type's item
+            segment.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                concept(coded["modifier"])
+            ]
+        segments.append(segment)
     return hd.seg.Segmentation(
         source_images=headers,
         pixel_array=frames,

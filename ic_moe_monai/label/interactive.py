@@ -3,6 +3,11 @@
 :class:`InteractiveSegmenter` is the engine behind the interactive MONAI Label model; it needs no MONAI Label and
 is tested on its own. The first request on an image runs the automatic segmentation slice by slice and keeps
 every slice's image embedding; a click then runs only SAM's prompt encoder and mask decoder on its slice.
+
+The cost of a request is linear in its clicks: their number is capped (``max_clicks``), clicks on the same voxel
+count once, each slice's decoder sees at most ``max_prompts`` of them (the latest; SAM's attention over prompt
+tokens is quadratic), and the reach of the clicks is one distance transform per slice. Images are checked from
+their header (size limit, dimensions, voxel type) before they are read.
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from scipy.ndimage import distance_transform_edt
 
 from ic_moe_monai.inferers import channel_argmax
 from ic_moe_monai.io import Case
+from ic_moe_monai.io.guards import ImageError, check_image_file
 from ic_moe_monai.segment import BundleSegmenter, load_case
 
-__all__ = ["ClickError", "InteractiveSegmenter", "parse_clicks"]
+__all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_clicks"]
+
+MAX_CLICKS = 256  # clicks per request (foreground and background together)
+MAX_PROMPTS = 32  # clicks of one slice given to SAM's decoder (the latest of each kind)
 
 
 class ClickError(ValueError):
@@ -45,8 +55,10 @@ class _CachedImage:
 def parse_clicks(clicks: Any, shape: Sequence[int], name: str) -> np.ndarray:
     """Validate a click list ``[[x, y, z], ...]`` (voxel indices of the image as loaded) → ``(N, 3)`` floats.
 
+    Coordinates may be fractional (a point within a voxel, from -0.5 to the size - 0.5 along each axis).
+
     Raises:
-        ClickError: when it is not a list of three numbers each, or a click lies outside the image.
+        ClickError: when it is not a list of three finite numbers each, or a click lies outside the image.
     """
     if clicks is None:
         return np.zeros((0, 3))
@@ -54,17 +66,30 @@ def parse_clicks(clicks: Any, shape: Sequence[int], name: str) -> np.ndarray:
         raise ClickError(f"{name} must be a list of [x, y, z] voxel indices, got {clicks!r:.80}.")
     parsed = []
     for click in clicks:
-        if (
-            isinstance(click, (str, bytes))
-            or not isinstance(click, Sequence)
-            or len(click) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in click)
-        ):
+        values = _three_numbers(click)
+        if values is None:
             raise ClickError(f"{name}: each click must be [x, y, z] (three numbers), got {click!r:.80}.")
-        if not all(-0.5 <= v < s - 0.5 for v, s in zip(click, shape, strict=True)):
-            raise ClickError(f"{name}: click {list(click)} lies outside the image of shape {tuple(shape)}.")
-        parsed.append([float(v) for v in click])
+        if not all(-0.5 <= v < s - 0.5 for v, s in zip(values, shape, strict=True)):
+            raise ClickError(f"{name}: click {click!r:.80} lies outside the image of shape {tuple(shape)}.")
+        parsed.append(values)
     return np.asarray(parsed, dtype=np.float64).reshape(-1, 3)
+
+
+def _three_numbers(click: Any) -> list[float] | None:
+    if isinstance(click, (str, bytes)) or not isinstance(click, Sequence) or len(click) != 3:
+        return None
+    values = []
+    for v in click:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+        try:
+            number = float(v)  # a huge JSON integer overflows here, not in numpy
+        except OverflowError:
+            return None
+        if not np.isfinite(number):
+            return None
+        values.append(number)
+    return values
 
 
 class InteractiveSegmenter:
@@ -78,6 +103,11 @@ class InteractiveSegmenter:
         max_images: images whose embeddings stay cached (least recently used ones are dropped).
         click_radius: the refinement reaches this far from a click, in voxels of the slice (default: 15 % of the
             slice's larger side, at least 5); the mask is left as it is beyond.
+        max_clicks: clicks per request, foreground and background together (more are refused).
+        max_prompts: clicks of one slice given to SAM's decoder as prompts (the latest of each kind); every click
+            still holds at its own voxel and widens the reach.
+        max_image_bytes: size limit of an image as float32, checked from its header before it is read (default
+            :func:`~ic_moe_monai.io.guards.max_image_bytes`).
     """
 
     def __init__(
@@ -87,6 +117,9 @@ class InteractiveSegmenter:
         device: torch.device | str = "cpu",
         max_images: int = 4,
         click_radius: float | None = None,
+        max_clicks: int = MAX_CLICKS,
+        max_prompts: int = MAX_PROMPTS,
+        max_image_bytes: int | str | None = None,
     ) -> None:
         self.segmenter = BundleSegmenter(bundle, list(configs), torch.device(device), batch_size=16)
         self.network = self.segmenter.network
@@ -96,6 +129,7 @@ class InteractiveSegmenter:
         self.label_names = self.segmenter.label_names
         self.max_images = max_images
         self.click_radius = click_radius
+        self.max_clicks, self.max_prompts, self.max_image_bytes = int(max_clicks), int(max_prompts), max_image_bytes
         self._cache: OrderedDict[tuple[str, float], _CachedImage] = OrderedDict()
         self._lock = threading.Lock()
         self._weights_mtime = os.path.getmtime(self.segmenter.ckpt_path)
@@ -118,6 +152,7 @@ class InteractiveSegmenter:
         """
         start = time.perf_counter()
         value = self._label_value(label)
+        self.check_click_count(foreground, background)
         with self._lock:
             self._reload_if_retrained()
             cached, hit = self._cached(Path(image_path))
@@ -133,6 +168,16 @@ class InteractiveSegmenter:
                 "refined_slices": slices, "embedding_cache": "hit" if hit else "miss",
                 "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
         return result, info
+
+    def check_click_count(self, foreground: Any, background: Any) -> None:
+        """Refuse more than ``max_clicks`` clicks in one request, before anything is read or parsed.
+
+        Raises:
+            ClickError: naming the count and the limit.
+        """
+        count = sum(len(c) for c in (foreground, background) if isinstance(c, Sequence) and not isinstance(c, str))
+        if count > self.max_clicks:
+            raise ClickError(f"{count} clicks in one request; at most {self.max_clicks} are taken.")
 
     # ------------------------------------------------------------------------------------------------ cache
     def _reload_if_retrained(self) -> None:
@@ -150,7 +195,13 @@ class InteractiveSegmenter:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key], True
-        image = load_case(Case(name=path.name, kind="image", path=path))
+        check_image_file(path, self.max_image_bytes)  # before any voxel is read
+        try:
+            image = load_case(Case(name=path.name, kind="image", path=path))
+        except ImageError:
+            raise
+        except ValueError as err:  # the loader's one-line reasons (unreadable, truncated, NaN voxels, ...)
+            raise ImageError(str(err)) from err
         entry = self._embed(image)
         self._cache[key] = entry
         while len(self._cache) > self.max_images:
@@ -198,30 +249,32 @@ class InteractiveSegmenter:
         labels = cached.auto.clone()
         if len(fg) + len(bg) == 0:
             return labels, []
-        grid = np.linalg.inv(np.asarray(cached.data["image"].affine, dtype=np.float64)) @ cached.original_affine
-        points = np.concatenate([fg, bg]) @ grid[:3, :3].T + grid[:3, 3]  # voxel indices in the preprocessed grid
-        points = np.rint(points).astype(int)
-        is_fg = np.array([True] * len(fg) + [False] * len(bg))
         shape = labels.shape
+        grid = np.linalg.inv(np.asarray(cached.data["image"].affine, dtype=np.float64)) @ cached.original_affine
+        # each click to its voxel in the image's own grid first: -0.5 on an axis the network's grid mirrors would
+        # otherwise round to one past the last index there
+        voxels = np.clip(np.rint(np.concatenate([fg, bg])), 0, np.asarray(cached.original_shape) - 1)
+        points = voxels @ grid[:3, :3].T + grid[:3, 3]  # voxel indices in the preprocessed grid
+        points = np.clip(np.rint(points).astype(np.int64), 0, np.asarray(shape) - 1)
+        is_fg = np.array([True] * len(fg) + [False] * len(bg))
         radius = self.click_radius or max(5.0, 0.15 * max(shape[0], shape[1]))
         slices = sorted({int(z) for z in points[:, 2]})
         for z in slices:
             on_slice = points[:, 2] == z
-            pts, positive = points[on_slice, :2], is_fg[on_slice]
-            prompted = self._prompted(cached, z, pts, positive)  # (X, Y) labels
-            rows, cols = np.ogrid[: shape[0], : shape[1]]
-            near = np.zeros(shape[:2], dtype=bool)
-            for i, j in pts:
-                near |= (rows - i) ** 2 + (cols - j) ** 2 <= radius**2
-            near = torch.from_numpy(near)
+            pts, positive = _latest_unique(points[on_slice, :2], is_fg[on_slice])
+            prompt_pts, prompt_positive = _latest_of_each(pts, positive, self.max_prompts)
+            prompted = self._prompted(cached, z, prompt_pts, prompt_positive)  # (X, Y) labels
+            seeds = np.ones(shape[:2], dtype=bool)
+            seeds[pts[:, 0], pts[:, 1]] = False
+            near = torch.from_numpy(distance_transform_edt(seeds) <= radius)  # one pass, whatever the clicks
             plane = labels[..., z]
             plane[near & (plane == value)] = 0
             plane[near & (prompted == value)] = value
-            for (i, j), positive_click in zip(pts, positive, strict=True):  # a click always holds at its voxel
-                if positive_click:
-                    plane[i, j] = value
-                elif plane[i, j] == value:
-                    plane[i, j] = 0
+            rows, cols = torch.from_numpy(pts[:, 0]), torch.from_numpy(pts[:, 1])
+            held = plane[rows, cols]  # a click always holds at its voxel
+            plane[rows, cols] = torch.where(torch.from_numpy(positive), value, torch.where(held == value, 0, held)).to(
+                plane.dtype
+            )
         return labels, slices
 
     def _prompted(self, cached: _CachedImage, z: int, pts: np.ndarray, positive: np.ndarray) -> torch.Tensor:
@@ -236,3 +289,22 @@ class InteractiveSegmenter:
             cached.embeddings[z : z + 1], cached.inputs[z : z + 1], points=points, point_labels=point_labels
         )
         return channel_argmax(self._to_slice(logits, shape))[0, 0].cpu()
+
+
+def _latest_unique(points: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each (voxel, kind) once, keeping the order of their last occurrence."""
+    keys = np.concatenate([points, positive[:, None].astype(np.int64)], axis=1)[::-1]
+    _, first = np.unique(keys, axis=0, return_index=True)
+    keep = np.sort(len(keys) - 1 - first)
+    return points[keep], positive[keep]
+
+
+def _latest_of_each(points: np.ndarray, positive: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``limit`` clicks: the latest of each kind, half the limit each (a kind with fewer leaves the rest to
+    the other)."""
+    if len(points) <= limit:
+        return points, positive
+    fg, bg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    n_bg = min(len(bg), max(limit // 2, limit - len(fg)))
+    keep = np.sort(np.concatenate([fg[len(fg) - (limit - n_bg) :], bg[len(bg) - n_bg :]]))
+    return points[keep], positive[keep]

@@ -1,4 +1,8 @@
-"""MONAI Label tasks of the IC-MoE app (needs ``monailabel``; see ``requirements-monailabel.txt``)."""
+"""MONAI Label tasks of the IC-MoE app (needs ``monailabel``; see ``requirements-monailabel.txt``).
+
+``InteractiveInferTask`` serves the click engine; ``AutomaticInferTask`` is MONAI Label's own bundle task, reporting
+the 3D volumes it takes and returns, and turning a failure to load the image into an :class:`ImageError`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ from typing import Any
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.tasks.infer.bundle import BundleInferTask
 
+from ic_moe_monai.io.guards import ImageError, _one_line
 from ic_moe_monai.io.writers import write_nifti_labels
-from ic_moe_monai.label.interactive import InteractiveSegmenter
+from ic_moe_monai.label.interactive import MAX_CLICKS, InteractiveSegmenter
 
-__all__ = ["InteractiveInferTask"]
+__all__ = ["AutomaticInferTask", "InteractiveInferTask"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +35,21 @@ class InteractiveInferTask(InferTask):
         bundle: the bundle folder.
         device: where the network runs.
         max_images: images whose slice embeddings stay cached.
+        max_clicks: clicks per request.
+        max_image_bytes: size limit of an image as float32, checked from its header before it is read.
     """
 
-    def __init__(self, bundle: str | Path, device: str = "cpu", max_images: int = 4) -> None:
-        self.segmenter = InteractiveSegmenter(bundle, device=device, max_images=max_images)
+    def __init__(
+        self,
+        bundle: str | Path,
+        device: str = "cpu",
+        max_images: int = 4,
+        max_clicks: int = MAX_CLICKS,
+        max_image_bytes: int | None = None,
+    ) -> None:
+        self.segmenter = InteractiveSegmenter(
+            bundle, device=device, max_images=max_images, max_clicks=max_clicks, max_image_bytes=max_image_bytes
+        )
         names = {name: value for value, name in self.segmenter.label_names.items() if value != 0}
         super().__init__(
             type=InferType.DEEPGROW,
@@ -54,3 +71,26 @@ class InteractiveInferTask(InferTask):
         write_nifti_labels(np.asarray(labels[0], dtype=np.uint8), np.asarray(labels.affine, dtype=np.float64), path)
         logger.info("interactive: %s", info)
         return path, info
+
+
+class AutomaticInferTask(BundleInferTask):
+    """MONAI Label's bundle task on the bundle's ``inference.json``, as the stock app serves it, except that:
+
+    - ``/info`` reports dimension 3: the task takes and returns volumes (MONAI Label reads 2 off the network's
+      64 × 64 slice input);
+    - an image the pre-transforms cannot load (corrupt, truncated, an unsupported layout) raises an
+      :class:`ImageError` with one line, which the app answers with 422.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dimension = 3
+
+    def run_pre_transforms(self, data: dict[str, Any], transforms: Any) -> dict[str, Any]:
+        try:
+            return super().run_pre_transforms(data, transforms)
+        except Exception as err:  # loaders raise many types; MONAI wraps them in "applying transform ..."
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ImageError(f"cannot read the image ({_one_line(cause)}).") from err
