@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from ic_moe_monai.networks import ICMoE, ICMoELayer
-from ic_moe_monai.networks.experts import AdaptiveExpert, BasicExpert, SemanticExpert, dilated_tap_placement
+from ic_moe_monai.networks.experts import (
+    AdaptiveExpert,
+    BasicExpert,
+    SemanticExpert,
+    common_kernel_size,
+    dilated_tap_positions,
+)
 from tests.conftest import REPO_ROOT
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -136,19 +142,19 @@ def test_each_expert_forward_equals_reference():
             torch.testing.assert_close(vote, ref_vote, **TOL)
 
 
-def test_dilated_tap_placement_is_a_dilated_convolution():
+def test_dilated_taps_in_a_common_kernel_are_a_dilated_convolution():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 9, 11)
-    weights = [torch.randn(4, 1, 3, 3) for _ in range(3)]
-    taps = dilated_tap_placement(3, [1, 2, 4])
-    size = 9
-    assert taps.shape == (3, 9, size * size)
-    for weight, placement, dilation in zip(weights, taps, (1, 2, 4), strict=True):
-        common = (weight.flatten(1) @ placement).reshape(4, 1, size, size)
+    size = common_kernel_size(3, [1, 2, 4])
+    taps = dilated_tap_positions(3, [1, 2, 4])
+    assert size == 9 and taps.shape == (3, 9)
+    for positions, dilation in zip(taps, (1, 2, 4), strict=True):
+        weight = torch.randn(4, 1, 3, 3)
+        common = torch.zeros(4, size * size).index_copy(1, positions, weight.flatten(1)).reshape(4, 1, size, size)
         expected = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=4)
         torch.testing.assert_close(F.conv2d(x, common, padding=size // 2, groups=4), expected, **TOL)
     with pytest.raises(ValueError, match="odd kernel sizes"):
-        dilated_tap_placement(2, [1])
+        common_kernel_size(2, [1])
 
 
 def test_inference_reuses_prepared_weights_until_parameters_change():
@@ -203,3 +209,19 @@ def test_shipped_model_loads_and_matches_reference():
         for got, want in zip(aux, ref_aux, strict=True):
             for key in got:
                 torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-5)
+
+
+def test_inference_cache_follows_autocast():
+    """Weights prepared under autocast are kept apart from the full-precision ones."""
+    torch.manual_seed(0)
+    layer = trained_like(ICMoELayer(dim=48, num_classes=3, hidden_dim=16)).eval()
+    x = torch.randn(1, 4, 4, 48)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = layer(x)
+        assert layer.__dict__["_weights_cache"][1].down[0].dtype == torch.bfloat16
+        full, _ = layer(x)
+        assert layer.__dict__["_weights_cache"][1].down[0].dtype == torch.float32
+        reference = reference_layer(layer, x)[0]
+    torch.testing.assert_close(full, reference, **TOL)
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()

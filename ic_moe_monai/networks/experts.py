@@ -37,7 +37,8 @@ __all__ = [
     "Expert",
     "SemanticExpert",
     "SemanticGroup",
-    "dilated_tap_placement",
+    "common_kernel_size",
+    "dilated_tap_positions",
 ]
 
 
@@ -124,7 +125,9 @@ class SemanticExpert(Expert):
         attn = softmax(q k^T) with k = tokens W_k^T; q k^T = (q W_k) tokens^T, so the K+1 queries absorb W_k instead
         of every token being projected.
         """
-        return self.to_q(self.prototypes) @ self.to_k.weight * self.scale
+        # products of parameters only, written as sums so that no autocast policy lowers their precision
+        q = (self.prototypes[:, None, :] * self.to_q.weight).sum(dim=-1)  # to_q(prototypes): (K+1, hidden)
+        return (q[:, :, None] * self.to_k.weight).sum(dim=1) * self.scale  # q W_k
 
     def mix(self, h: torch.Tensor, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Bottleneck tokens ``(B, h, w, hidden)`` → mixed tokens and votes; ``queries``: :meth:`queries` if known."""
@@ -211,7 +214,7 @@ class AdaptiveExpert(Expert):
         return h, self.classifier(h)
 
     @staticmethod
-    def group_weights(experts: Sequence[AdaptiveExpert], taps: torch.Tensor) -> AdaptiveGroup:
+    def group_weights(experts: Sequence[AdaptiveExpert], taps: torch.Tensor, size: int) -> AdaptiveGroup:
         """The n experts' gates and classifiers as block-diagonal maps, and all their candidate kernels as one
         grouped convolution.
 
@@ -220,11 +223,14 @@ class AdaptiveExpert(Expert):
 
         Args:
             experts: the n experts (same kernel size and number of candidate kernels).
-            taps: ``(n, k², K²)`` placement of the experts' taps, from :func:`dilated_tap_placement`.
+            taps: ``(n, k²)`` positions of the experts' taps in the common kernel, from :func:`dilated_tap_positions`.
+            size: the common kernel size K, from :func:`common_kernel_size`.
         """
-        size = math.isqrt(taps.shape[-1])
-        # (n, hidden * M, k²) @ (n, k², K²): channel order (expert, hidden, candidate) as the grouped convolution's
-        kernels = torch.stack([e.candidates.weight.flatten(1) for e in experts]) @ taps
+        # (n, hidden * M, k²) → (n, hidden * M, K²), channels in the grouped convolution's order (expert, hidden,
+        # candidate); a scatter, not a product, so that no autocast policy lowers the kernels' precision
+        candidates = torch.stack([e.candidates.weight.flatten(1) for e in experts])
+        positions = taps[:, None, :].expand_as(candidates)
+        kernels = candidates.new_zeros(*candidates.shape[:2], size * size).scatter(-1, positions, candidates)
         return AdaptiveGroup(
             gate_in=block_diagonal([e.gate[0] for e in experts]),
             gate_out=block_diagonal([e.gate[2] for e in experts]),
@@ -266,27 +272,29 @@ class AdaptiveGroup(NamedTuple):
     num_kernels: int  # M
 
 
-def dilated_tap_placement(kernel_size: int, dilations: Sequence[int]) -> torch.Tensor:
+def common_kernel_size(kernel_size: int, dilations: Sequence[int]) -> int:
+    """The size ``K = (k - 1) · max(d) + 1`` of one kernel that holds ``k x k`` kernels at each of the ``dilations``."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"dilated kernels share one convolution only for odd kernel sizes, got {kernel_size}.")
+    return (kernel_size - 1) * max(dilations) + 1
+
+
+def dilated_tap_positions(kernel_size: int, dilations: Sequence[int]) -> torch.Tensor:
     """Where each of n dilated ``k x k`` kernels puts its taps inside one common ``K x K`` kernel.
 
-    A convolution with dilation ``d`` equals an undilated one whose kernel has ``d - 1`` zeros between the taps; centred
-    in ``K = (k - 1) · max(d) + 1`` with padding ``(K - 1) / 2``, all dilations become one convolution.
+    A convolution with dilation ``d`` equals an undilated one whose kernel has ``d - 1`` zeros between the taps;
+    centred in ``K`` (:func:`common_kernel_size`) with padding ``(K - 1) / 2``, all dilations become one convolution.
 
     Args:
         kernel_size: the odd k.
         dilations: one dilation per kernel.
 
     Returns:
-        ``(n, k², K²)`` of zeros and ones: ``kernel.flatten(1) @ placement[e]`` places kernel e's taps.
+        ``(n, k²)`` flat positions in ``K x K`` of each kernel's taps (in the kernel's own row-major order).
     """
-    if kernel_size % 2 == 0:
-        raise ValueError(f"dilated kernels share one convolution only for odd kernel sizes, got {kernel_size}.")
-    size = (kernel_size - 1) * max(dilations) + 1
+    size = common_kernel_size(kernel_size, dilations)
     centre, half = (size - 1) // 2, (kernel_size - 1) // 2
-    placement = torch.zeros(len(dilations), kernel_size**2, size**2)
-    for e, d in enumerate(dilations):
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                row, col = centre + d * (i - half), centre + d * (j - half)
-                placement[e, i * kernel_size + j, row * size + col] = 1.0
-    return placement
+    offsets = torch.arange(kernel_size) - half
+    rows = centre + torch.tensor(list(dilations))[:, None, None] * offsets[None, :, None]  # (n, k, 1)
+    cols = centre + torch.tensor(list(dilations))[:, None, None] * offsets[None, None, :]  # (n, 1, k)
+    return (rows * size + cols).flatten(1)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ic_moe_monai.networks.experts import (
     AdaptiveExpert,
@@ -25,7 +26,8 @@ from ic_moe_monai.networks.experts import (
     Expert,
     SemanticExpert,
     SemanticGroup,
-    dilated_tap_placement,
+    common_kernel_size,
+    dilated_tap_positions,
 )
 from ic_moe_monai.networks.fusion import fold_layer_norms, stacked_output_weight, weighted_sum
 from ic_moe_monai.networks.sam_weights import (
@@ -88,12 +90,11 @@ class ICMoELayer(nn.Module):
         self.norm_eps = self.router.norm.eps
         if any(e.norm.eps != self.norm_eps for e in experts):
             raise ValueError("the experts' and the router's LayerNorms must share one eps.")
-        if adaptive_dilations:
-            kernel_size = experts[-1].candidates.kernel_size[0]
-            taps = dilated_tap_placement(kernel_size, list(adaptive_dilations))
-        else:
-            taps = torch.zeros(0)
-        self.register_buffer("adaptive_taps", taps, persistent=False)
+        # the adaptive experts' dilated kernels, placed in one common kernel (see AdaptiveExpert.group_weights)
+        kernel_size = experts[-1].candidates.kernel_size[0] if adaptive_dilations else 1
+        dilations = list(adaptive_dilations) or [1]
+        self.adaptive_kernel_size = common_kernel_size(kernel_size, dilations)
+        self.register_buffer("adaptive_taps", dilated_tap_positions(kernel_size, dilations), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x ``(B, h, w, D)`` → (x + Δ, aux).
@@ -101,7 +102,7 @@ class ICMoELayer(nn.Module):
         ``aux`` holds ``router_logits`` and ``router_weights`` ``(B, h, w, E)`` and, in training mode only (the
         losses' expert supervision), every expert's vote ``expert_logits`` ``(B, h, w, E, K+1)``.
         """
-        weights = self._current_weights()
+        weights = self._current_weights(x.device.type)
         num_experts = len(self.experts)
         # 1. every expert's down projection and the router's scores: one product on the shared normalised tokens
         projected = F.linear(F.layer_norm(x, (self.dim,), eps=self.norm_eps), *weights.down)
@@ -128,11 +129,13 @@ class ICMoELayer(nn.Module):
             down=fold_layer_norms([(e.norm, e.down) for e in experts] + [(self.router.norm, self.router.score)]),
             basic=BasicExpert.group_weights(basic) if basic else None,
             semantic=SemanticExpert.group_weights(semantic) if semantic else None,
-            adaptive=AdaptiveExpert.group_weights(adaptive, self.adaptive_taps) if adaptive else None,
+            adaptive=AdaptiveExpert.group_weights(adaptive, self.adaptive_taps, self.adaptive_kernel_size)
+            if adaptive
+            else None,
             up=stacked_output_weight([e.up for e in experts]),
         )
 
-    def _current_weights(self) -> LayerWeights:
+    def _current_weights(self, device_type: str) -> LayerWeights:
         """:meth:`fused_weights`, reused between forwards while no parameter changes, where no gradient is needed.
 
         In inference the preparation (about 20 small kernels per layer) would otherwise run on every forward. A
@@ -140,14 +143,21 @@ class ICMoELayer(nn.Module):
         (optimiser steps, ``load_state_dict``, ``nn.init``) changes, and dropped by moves and casts (``.to()``,
         ``.half()``). Writes through ``param.data`` bypass version counters: call :meth:`clear_weights_cache` after
         them. Not used under autograd, tracing or compilation.
+
+        Under autocast the entry holds the weights already in the autocast dtype: every prepared tensor feeds a
+        matrix product or convolution, which autocast would otherwise cast on every forward.
         """
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.fused_weights()
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
-        key += ((self.adaptive_taps.data_ptr(), self.adaptive_taps.dtype),)
+        key += (self.adaptive_taps.data_ptr(), autocast)
         cached = self.__dict__.get("_weights_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self.fused_weights())
+            weights = self.fused_weights()  # parameter precision: the preparation uses no autocast-lowered op
+            if autocast is not None:
+                weights = tree_map(lambda t: t.to(autocast) if _is_float_tensor(t) else t, weights)
+            cached = (key, weights)
             self.__dict__["_weights_cache"] = cached
         return cached[1]
 
@@ -177,6 +187,10 @@ class ICMoELayer(nn.Module):
         if not votes:
             return mixed, None
         return mixed, torch.cat([v for _, v in parts], dim=-2) if len(parts) > 1 else parts[0][1]
+
+
+def _is_float_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 class LayerWeights(NamedTuple):
