@@ -17,9 +17,16 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_fresh_experts_leave_encoder_unchanged(encoder, img_size):
     torch.manual_seed(0)
     model = ICMoE(num_classes=2, img_size=img_size, encoder=encoder).eval()
+    for name, p in model.image_encoder.named_parameters():  # SAM starts them at zero; trained ones are not
+        if "rel_pos" in name:
+            torch.nn.init.normal_(p, std=0.05)
     x = model.preprocess(torch.rand(2, 3, img_size, img_size))
     with torch.no_grad():
-        assert torch.equal(model.encode(x), model.image_encoder(x))
+        encoded = model.encode(x)
+        # fresh experts add exactly zero: bit-equal to the same block loop without them
+        assert torch.equal(encoded, model.encode(x, experts=False))
+        # the block loop computes SAM's attention through scaled_dot_product_attention: equal up to rounding
+        torch.testing.assert_close(encoded, model.image_encoder(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("encoder", "img_size", "grid"), [("vit_b", 256, 16), ("vit_b", 512, 32), ("lite", 64, 16)])
@@ -161,3 +168,23 @@ def test_detail_branch_starts_as_identity_and_learns():
     loss = ICMoELoss(num_classes=2)(model(x), torch.randint(0, 3, (2, 1, 64, 64)))
     loss.backward()
     assert model.detail_branch.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_compiled_block_loop_equals_eager():
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=32, encoder="lite", moe_blocks=[5])  # one layer: compiles faster
+    compiled = ICMoE(num_classes=2, img_size=32, encoder="lite", moe_blocks=[5], compile_blocks=True)
+    for p in model.moe_layers.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
+    compiled.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    model.train(), compiled.train()
+    out, out_compiled = model(x), compiled(x)
+    for key in out:
+        torch.testing.assert_close(out_compiled[key], out[key], atol=1e-4, rtol=1e-4)
+    out_compiled["logits"].sum().backward()
+    assert compiled.moe_layers["5"].experts[0].up.weight.grad.abs().sum() > 0
+    model.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ trained with label-consistency routing, load balancing and semantic-guided contr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ic_moe_monai.networks.encoder_blocks import block_forward
 from ic_moe_monai.networks.experts import (
     AdaptiveExpert,
     AdaptiveGroup,
@@ -33,6 +34,7 @@ from ic_moe_monai.networks.fusion import fold_layer_norms, stacked_output_weight
 from ic_moe_monai.networks.sam_weights import (
     ENCODER_CONFIGS,
     LoadReport,
+    auto_window_size,
     build_image_encoder,
     build_mask_decoder,
     build_prompt_encoder,
@@ -246,8 +248,10 @@ class ICMoE(nn.Module):
     Input ``(B, C, H, W)`` with ``H == W == img_size``: C neighbouring slices (2.5D) or one slice repeated,
     intensities normalised to [0, 1] (CT window, MR percentiles). Output: logits ``(B, K + 1, H, W)``.
 
-    ``model.image_encoder`` is an unmodified ``segment_anything.modeling.ImageEncoderViT``: the experts sit
-    beside its blocks and are applied by :meth:`encode`. With fresh experts, ``encode(x) == image_encoder(x)``.
+    ``model.image_encoder`` is an unmodified ``segment_anything.modeling.ImageEncoderViT`` holding the encoder's
+    weights: the experts sit beside its blocks, and :meth:`encode` runs each block from that block's own weights with
+    fused attention (:func:`~ic_moe_monai.networks.encoder_blocks.block_forward`). With fresh experts,
+    ``encode(x)`` equals ``image_encoder(x)`` up to floating-point rounding.
 
     In ``train()`` mode :meth:`forward` returns a dict (``logits`` plus what :class:`~ic_moe_monai.losses.ICMoELoss`
     needs); in ``eval()`` mode it returns the logits tensor alone, so MONAI inferers and tracing see a plain network.
@@ -269,6 +273,13 @@ class ICMoE(nn.Module):
             default True for SAM sizes, False for ``lite``.
         detail_branch: add a :class:`DetailBranch` of high-resolution features to the mask decoder;
             default True for ``lite``, False for SAM sizes (SAM's decoder as published).
+        window_size: attention window of the encoder's non-global blocks (0: global attention everywhere).
+            ``"auto"``: for SAM sizes, SAM's 14 or the whole token grid, whichever costs fewer FLOPs at ``img_size``
+            (16 at 256, 14 at 1024; see :func:`~ic_moe_monai.networks.sam_weights.auto_window_size`); 0 for ``lite``.
+            Relative-position tables of a SAM checkpoint are interpolated to the window.
+        compile_blocks: run the encoder's block loop (blocks and IC-MoE layers) through ``torch.compile``, compiled
+            lazily on first use; a string is taken as ``torch.compile``'s ``mode`` (e.g. ``"max-autotune"``).
+            The result does not depend on it; tracing (``torch.jit.trace``) always runs the eager loop.
     """
 
     def __init__(
@@ -288,6 +299,8 @@ class ICMoE(nn.Module):
         embedding_dim: int = 128,
         pixel_normalize: bool | None = None,
         detail_branch: bool | None = None,
+        window_size: int | str = "auto",
+        compile_blocks: bool | str = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -296,13 +309,19 @@ class ICMoE(nn.Module):
             raise ValueError(f"encoder must be one of {sorted(ENCODER_CONFIGS)}, got {encoder!r}.")
         if sam_checkpoint and encoder == "lite":
             raise ValueError("encoder='lite' is trained from scratch; SAM checkpoints exist for vit_b, vit_l, vit_h.")
+        if window_size == "auto":
+            window_size = auto_window_size(encoder, img_size)
+        elif isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"window_size must be 'auto' or an integer >= 0, got {window_size!r}.")
         cfg = ENCODER_CONFIGS[encoder]
         self.num_classes = num_classes
         self.img_size = img_size
         self.in_channels = in_channels
         self.encoder_name = encoder
+        self.window_size = window_size
+        self.compile_blocks = compile_blocks
 
-        self.image_encoder = build_image_encoder(encoder, img_size, in_channels)
+        self.image_encoder = build_image_encoder(encoder, img_size, in_channels, window_size)
         self.prompt_encoder = build_prompt_encoder(encoder, img_size)
         self.mask_decoder = build_mask_decoder(encoder, num_classes)
         self.load_report: LoadReport | None = None
@@ -366,23 +385,28 @@ class ICMoE(nn.Module):
             return x
         return (x - self.pixel_mean) / self.pixel_std
 
-    def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Preprocessed image ``(B, C, H, W)`` → final token grid ``(B, h, w, D)`` and each IC-MoE layer's outputs."""
+    def encode_tokens(
+        self, x: torch.Tensor, experts: bool = True
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Preprocessed image ``(B, C, H, W)`` → final token grid ``(B, h, w, D)`` and each IC-MoE layer's outputs.
+
+        Args:
+            x: preprocessed image.
+            experts: apply the IC-MoE layers; False runs the bare encoder through the same block loop.
+        """
         enc = self.image_encoder
         tokens = enc.patch_embed(x)
         if enc.pos_embed is not None:
             tokens = tokens + enc.pos_embed
-        aux = []
-        for i, block in enumerate(enc.blocks):
-            tokens = block(tokens)
-            if str(i) in self.moe_layers:
-                tokens, layer_aux = self.moe_layers[str(i)](tokens)
-                aux.append(layer_aux)
-        return tokens, aux
+        run = _run_blocks
+        if self.compile_blocks and not torch.jit.is_tracing():
+            run = _compiled_run_blocks(self.compile_blocks)
+        return run(self, tokens, experts)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied."""
-        tokens, _ = self.encode_tokens(x)
+    def encode(self, x: torch.Tensor, experts: bool = True) -> torch.Tensor:
+        """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied unless
+        ``experts=False``."""
+        tokens, _ = self.encode_tokens(x, experts)
         return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
 
     # ------------------------------------------------------------------------------------------------ decoder
@@ -497,6 +521,31 @@ class ICMoE(nn.Module):
         for key in ("expert_logits", "router_logits", "router_weights"):
             out[key] = torch.stack([layer[key] for layer in aux], dim=1)  # batch first, so MONAI can decollate
         return out
+
+
+def _run_blocks(
+    model: ICMoE, tokens: torch.Tensor, experts: bool
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The encoder's blocks on tokens ``(B, h, w, D)``, each followed by its IC-MoE layer if it has one."""
+    aux = []
+    for i, block in enumerate(model.image_encoder.blocks):
+        tokens = block_forward(block, tokens)
+        if experts and str(i) in model.moe_layers:
+            tokens, layer_aux = model.moe_layers[str(i)](tokens)
+            aux.append(layer_aux)
+    return tokens, aux
+
+
+_COMPILED_RUN_BLOCKS: dict[str, Callable] = {}
+
+
+def _compiled_run_blocks(mode: bool | str) -> Callable:
+    """:func:`_run_blocks` through ``torch.compile``, compiled on first use. A function of the model rather than a
+    bound method, so that copies of a model (``copy.deepcopy``) never call into the original."""
+    mode = "default" if mode is True else str(mode)
+    if mode not in _COMPILED_RUN_BLOCKS:
+        _COMPILED_RUN_BLOCKS[mode] = torch.compile(_run_blocks, mode=mode)
+    return _COMPILED_RUN_BLOCKS[mode]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
