@@ -170,6 +170,44 @@ def test_detail_branch_starts_as_identity_and_learns():
     assert model.detail_branch.proj.weight.grad.abs().sum() > 0
 
 
+def test_prompt_embedding_equals_sam_prompt_encoder():
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite")
+    torch.nn.init.normal_(model.prompt_encoder.not_a_point_embed.weight)  # any value must reach the padding points
+    points = torch.tensor([[[10.0, 12.0], [40.0, 30.0], [3.0, 3.0]], [[20.0, 50.0], [0.0, 0.0], [63.0, 1.0]]])
+    labels = torch.tensor([[1, 0, 1], [1, -1, 0]])
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 30.0], [10.0, 20.0, 60.0, 50.0]])
+    pe = model.prompt_encoder
+    with torch.no_grad():
+        for kwargs, sam_kwargs in (
+            ({"points": points, "point_labels": labels}, {"points": (points, labels), "boxes": None}),
+            ({"boxes": boxes}, {"points": None, "boxes": boxes}),
+            ({"points": points, "point_labels": labels, "boxes": boxes}, {"points": (points, labels), "boxes": boxes}),
+        ):
+            sparse, dense = model.embed_prompts(2, **kwargs)
+            sam_sparse, sam_dense = pe(masks=None, **sam_kwargs)
+            assert torch.equal(sparse, sam_sparse)
+            assert torch.equal(dense, sam_dense)
+
+
+@pytest.mark.parametrize("prompted", [False, True])
+def test_train_forward_has_no_host_sync(prompted):
+    """Nothing in the training forward waits for the device or has a data-dependent shape (CUDA-graph capturable)."""
+    from tests.sync_check import NoHostSync
+
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite").train()
+    x = torch.rand(2, 3, 64, 64)
+    prompts = {}
+    if prompted:
+        prompts = {"points": torch.tensor([[[10.0, 12.0]], [[20.0, 50.0]]]), "point_labels": torch.tensor([[1], [0]])}
+    with NoHostSync() as mode:
+        out = model(x, **prompts)
+        loss = out["logits"].mean() + out["expert_logits"].mean() + out["router_weights"].mean()
+    loss.backward()
+    assert mode.ops > 100
+
+
 @pytest.mark.slow
 def test_compiled_block_loop_equals_eager():
     torch.manual_seed(0)

@@ -432,10 +432,39 @@ class ICMoE(nn.Module):
                     f"points {tuple(points.shape)} and point_labels {tuple(point_labels.shape)} must be "
                     f"(B, N, 2) and (B, N) with B = {batch_size}."
                 )
-            points = (points.float(), point_labels)
         if boxes is not None and boxes.shape != (batch_size, 4):
             raise ValueError(f"boxes must be (B, 4) = ({batch_size}, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}.")
-        return pe(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
+        sparse = []
+        if points is not None:
+            sparse.append(self._embed_points(points.float(), point_labels, pad=boxes is None))
+        if boxes is not None:
+            sparse.append(self._embed_boxes(boxes.float()))
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch_size, -1, *pe.image_embedding_size)
+        return torch.cat(sparse, dim=1) if len(sparse) > 1 else sparse[0], dense
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """SAM's ``PromptEncoder._embed_points`` without boolean-mask writes: ``(B, N, 2)`` → ``(B, N (+1), C)``.
+
+        SAM zeroes padding points and adds the label embeddings by boolean-mask assignment, which synchronises a GPU
+        with the host and cannot be captured in a CUDA graph; ``torch.where`` selects the same values.
+        """
+        pe = self.prompt_encoder
+        points = points + 0.5  # centre of the pixel
+        if pad:  # SAM's extra padding point when no box follows
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
+        embedding = pe.pe_layer.forward_with_coords(points, pe.input_image_size)  # (B, N, C)
+        labels = labels.unsqueeze(-1)
+        label_embedding = torch.where(
+            labels == 1, pe.point_embeddings[1].weight, torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
+        )
+        return torch.where(labels == -1, pe.not_a_point_embed.weight, embedding + label_embedding)
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """SAM's ``PromptEncoder._embed_boxes``: ``(B, 4)`` → two corner embeddings ``(B, 2, C)``."""
+        pe = self.prompt_encoder
+        corners = pe.pe_layer.forward_with_coords((boxes + 0.5).reshape(-1, 2, 2), pe.input_image_size)
+        return corners + torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])
 
     def decode(
         self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, detail: torch.Tensor | None = None
