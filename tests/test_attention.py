@@ -7,6 +7,7 @@ import torch
 from segment_anything.modeling import image_encoder as sam
 
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.networks.decoder_blocks import two_way_transformer
 from ic_moe_monai.networks.encoder_blocks import block_forward, get_rel_pos, rel_pos_bias
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -99,3 +100,33 @@ def test_encoder_image_stays_unmodified_sam():
     model = ICMoE(num_classes=1, img_size=256, encoder="vit_b")
     assert type(model.image_encoder) is sam.ImageEncoderViT
     assert all(type(block) is sam.Block for block in model.image_encoder.blocks)
+
+
+@pytest.mark.parametrize(("encoder", "img_size", "tokens"), [("lite", 64, 5), ("vit_b", 256, 7)])
+def test_two_way_transformer_equals_sam(encoder, img_size, tokens):
+    model = ICMoE(num_classes=2, img_size=img_size, encoder=encoder)
+    transformer = model.mask_decoder.transformer
+    torch.manual_seed(0)
+    grid = model.prompt_encoder.image_embedding_size
+    image = torch.randn(2, transformer.embedding_dim, *grid)
+    pe = model.prompt_encoder.get_dense_pe()
+    points = torch.randn(2, tokens, transformer.embedding_dim)
+    with torch.no_grad():
+        queries, keys = two_way_transformer(transformer, image, pe, points)
+        sam_queries, sam_keys = transformer(image, pe.expand(2, -1, -1, -1), points)
+    torch.testing.assert_close(queries, sam_queries, **TOL)
+    torch.testing.assert_close(keys, sam_keys, **TOL)
+
+
+def test_dense_positional_encoding_follows_the_prompt_encoder():
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite").eval()
+    with torch.no_grad():
+        first = model._dense_pe()
+        assert model._dense_pe() is first  # kept between forwards
+        torch.testing.assert_close(first, model.prompt_encoder.get_dense_pe(), atol=0, rtol=0)
+        state = model.state_dict()
+        state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 64)
+        model.load_state_dict(state)
+        torch.testing.assert_close(model._dense_pe(), model.prompt_encoder.get_dense_pe(), atol=0, rtol=0)
+        model.to("cpu")  # moves and casts replace the buffer: the kept encoding is dropped
+        assert "_dense_pe_cache" not in model.__dict__

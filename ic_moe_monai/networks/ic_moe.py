@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ic_moe_monai.networks.caching import forget, reuse_while_unchanged
+from ic_moe_monai.networks.decoder_blocks import two_way_transformer
 from ic_moe_monai.networks.encoder_blocks import block_forward
 from ic_moe_monai.networks.experts import (
     AdaptiveExpert,
@@ -140,11 +142,10 @@ class ICMoELayer(nn.Module):
     def _current_weights(self, device_type: str) -> LayerWeights:
         """:meth:`fused_weights`, reused between forwards while no parameter changes, where no gradient is needed.
 
-        In inference the preparation (about 20 small kernels per layer) would otherwise run on every forward. A
-        cached entry is keyed on every parameter's storage, dtype and version counter, which every in-place update
-        (optimiser steps, ``load_state_dict``, ``nn.init``) changes, and dropped by moves and casts (``.to()``,
-        ``.half()``). Writes through ``param.data`` bypass version counters: call :meth:`clear_weights_cache` after
-        them. Not used under autograd, tracing or compilation.
+        In inference the preparation (about 20 small kernels per layer) would otherwise run on every forward; see
+        :mod:`~ic_moe_monai.networks.caching` for when it is rebuilt. Writes through ``param.data`` bypass the version
+        counters it watches: call :meth:`clear_weights_cache` after them. Not used under autograd, tracing or
+        compilation.
 
         Under autocast the entry holds the weights already in the autocast dtype: every prepared tensor feeds a
         matrix product or convolution, which autocast would otherwise cast on every forward.
@@ -152,20 +153,19 @@ class ICMoELayer(nn.Module):
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.fused_weights()
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
-        key += (self.adaptive_taps.data_ptr(), autocast)
-        cached = self.__dict__.get("_weights_cache")
-        if cached is None or cached[0] != key:
+
+        def prepare() -> LayerWeights:
             weights = self.fused_weights()  # parameter precision: the preparation uses no autocast-lowered op
-            if autocast is not None:
-                weights = tree_map(lambda t: t.to(autocast) if _is_float_tensor(t) else t, weights)
-            cached = (key, weights)
-            self.__dict__["_weights_cache"] = cached
-        return cached[1]
+            if autocast is None:
+                return weights
+            return tree_map(lambda t: t.to(autocast) if _is_float_tensor(t) else t, weights)
+
+        sources = [*self.parameters(), self.adaptive_taps]
+        return reuse_while_unchanged(self, "_weights_cache", sources, prepare, (autocast,))
 
     def clear_weights_cache(self) -> None:
         """Forget the prepared weights reused in inference (see :meth:`fused_weights`)."""
-        self.__dict__.pop("_weights_cache", None)
+        forget(self, "_weights_cache")
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the parameters are replaced
         self.clear_weights_cache()
@@ -480,14 +480,34 @@ class ICMoE(nn.Module):
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         src = embedding + dense
-        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
-        hs, src = md.transformer(src, pos, tokens)
+        hs, src = two_way_transformer(md.transformer, src, self._dense_pe(), tokens)
         mask_tokens = hs[:, 1 : 1 + md.num_mask_tokens, :]
         upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
         if detail is not None:
             upscaled = upscaled + detail(tuple(upscaled.shape[-2:]))
         hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         return (hyper @ upscaled.flatten(2)).reshape(b, md.num_mask_tokens, *upscaled.shape[-2:])
+
+    def _dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid ``(1, C, h, w)``, in float32.
+
+        A function of a fixed buffer (SAM's random Fourier features), kept between forwards rather than rebuilt by
+        some fifteen kernels each time (see :mod:`~ic_moe_monai.networks.caching`).
+        """
+        pe_layer = self.prompt_encoder.pe_layer
+        matrix = pe_layer.positional_encoding_gaussian_matrix
+
+        def compute() -> torch.Tensor:
+            with torch.autocast(matrix.device.type, enabled=False):
+                return self.prompt_encoder.get_dense_pe().to(matrix.dtype)
+
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return compute()
+        return reuse_while_unchanged(self, "_dense_pe_cache", [matrix], compute)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the buffers are replaced
+        forget(self, "_dense_pe_cache")
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------------------------ interactive use
     def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
