@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ic_moe_monai.networks import ICMoE, ICMoELayer
-from ic_moe_monai.networks.experts import (
-    AdaptiveExpert,
-    BasicExpert,
-    SemanticExpert,
-    common_kernel_size,
-    dilated_tap_positions,
-)
+from ic_moe_monai.networks.experts import AdaptiveExpert, BasicExpert, SemanticExpert
 from tests.conftest import REPO_ROOT
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -81,6 +75,7 @@ def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 LAYERS = {
     "default": {},
     "two semantic, three dilations": {"num_basic": 1, "num_semantic": 2, "adaptive_dilations": (1, 2, 3)},
+    "repeated dilations": {"num_basic": 2, "num_semantic": 1, "adaptive_dilations": (1, 1, 3, 2, 2)},
     "no basic, one adaptive": {"num_basic": 0, "num_semantic": 1, "adaptive_dilations": (2,)},
     "basic only": {"num_basic": 3, "num_semantic": 0, "adaptive_dilations": ()},
 }
@@ -142,19 +137,11 @@ def test_each_expert_forward_equals_reference():
             torch.testing.assert_close(vote, ref_vote, **TOL)
 
 
-def test_dilated_taps_in_a_common_kernel_are_a_dilated_convolution():
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 9, 11)
-    size = common_kernel_size(3, [1, 2, 4])
-    taps = dilated_tap_positions(3, [1, 2, 4])
-    assert size == 9 and taps.shape == (3, 9)
-    for positions, dilation in zip(taps, (1, 2, 4), strict=True):
-        weight = torch.randn(4, 1, 3, 3)
-        common = torch.zeros(4, size * size).index_copy(1, positions, weight.flatten(1)).reshape(4, 1, size, size)
-        expected = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=4)
-        torch.testing.assert_close(F.conv2d(x, common, padding=size // 2, groups=4), expected, **TOL)
-    with pytest.raises(ValueError, match="odd kernel sizes"):
-        common_kernel_size(2, [1])
+def test_adaptive_experts_share_a_convolution_per_run_of_one_dilation():
+    layer = ICMoELayer(dim=48, num_classes=3, hidden_dim=16, num_basic=0, adaptive_dilations=(1, 1, 3, 2, 2))
+    group = layer.fused_weights().adaptive
+    assert [(r.start, r.stop, r.dilation) for r in group.runs] == [(0, 2, (1, 1)), (2, 3, (3, 3)), (3, 5, (2, 2))]
+    assert group.runs[0].kernels.shape == (2 * 16 * 4, 1, 3, 3)
 
 
 def test_inference_reuses_prepared_weights_until_parameters_change():

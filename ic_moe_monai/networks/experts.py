@@ -37,8 +37,6 @@ __all__ = [
     "Expert",
     "SemanticExpert",
     "SemanticGroup",
-    "common_kernel_size",
-    "dilated_tap_positions",
 ]
 
 
@@ -214,28 +212,23 @@ class AdaptiveExpert(Expert):
         return h, self.classifier(h)
 
     @staticmethod
-    def group_weights(experts: Sequence[AdaptiveExpert], taps: torch.Tensor, size: int) -> AdaptiveGroup:
-        """The n experts' gates and classifiers as block-diagonal maps, and all their candidate kernels as one
-        grouped convolution.
-
-        Experts of different dilations share the convolution: each expert's ``k x k`` taps are placed at its dilation
-        inside a common ``K x K`` kernel (zeros elsewhere), which computes the dilated convolution exactly.
-
-        Args:
-            experts: the n experts (same kernel size and number of candidate kernels).
-            taps: ``(n, k²)`` positions of the experts' taps in the common kernel, from :func:`dilated_tap_positions`.
-            size: the common kernel size K, from :func:`common_kernel_size`.
-        """
-        # (n, hidden * M, k²) → (n, hidden * M, K²), channels in the grouped convolution's order (expert, hidden,
-        # candidate); a scatter, not a product, so that no autocast policy lowers the kernels' precision
-        candidates = torch.stack([e.candidates.weight.flatten(1) for e in experts])
-        positions = taps[:, None, :].expand_as(candidates)
-        kernels = candidates.new_zeros(*candidates.shape[:2], size * size).scatter(-1, positions, candidates)
+    def group_weights(experts: Sequence[AdaptiveExpert]) -> AdaptiveGroup:
+        """The n experts' gates and classifiers as block-diagonal maps, and their candidate kernels as one grouped
+        convolution per run of consecutive experts with the same dilation (the default dilations 1 and 3 make two:
+        a common kernel holding both dilations would cost 49 taps instead of 2 x 9)."""
+        runs, start = [], 0
+        for stop in range(1, len(experts) + 1):
+            if stop == len(experts) or experts[stop].candidates.dilation != experts[start].candidates.dilation:
+                run = experts[start:stop]
+                conv = run[0].candidates
+                kernels = torch.cat([e.candidates.weight for e in run]) if len(run) > 1 else conv.weight
+                bias = torch.cat([e.candidates.bias for e in run]) if len(run) > 1 else conv.bias
+                runs.append(ConvRun(start, stop, kernels, bias, conv.padding, conv.dilation))
+                start = stop
         return AdaptiveGroup(
             gate_in=block_diagonal([e.gate[0] for e in experts]),
             gate_out=block_diagonal([e.gate[2] for e in experts]),
-            kernels=kernels.reshape(-1, 1, size, size),
-            bias=torch.cat([e.candidates.bias for e in experts]),
+            runs=tuple(runs),
             classifier=block_diagonal([e.classifier for e in experts]),
             num_kernels=experts[0].num_kernels,
         )
@@ -244,57 +237,45 @@ class AdaptiveExpert(Expert):
     def mix_group(
         group: AdaptiveGroup, h: torch.Tensor, votes: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`mix` of n adaptive experts at once: one grouped convolution for all experts' candidates.
+        """:meth:`mix` of n adaptive experts at once.
 
         Args:
             group: the experts' :meth:`group_weights`.
             h: their bottleneck tokens ``(B, h, w, n, hidden)``.
             votes: also compute the class logits ``(B, h, w, n, K + 1)`` (only the losses need them).
         """
-        n, c = h.shape[-2:]
+        c = h.shape[-1]
         # per image and expert: mixing weights of the candidate kernels from the pooled tokens, (B, n, M)
         weights = torch.softmax(group.gate_out(F.gelu(group.gate_in(h.mean(dim=(1, 2))))), dim=-1)
-        grid = h.flatten(-2).contiguous().permute(0, 3, 1, 2)  # (B, n * hidden, h, w), channels-last memory
-        size = group.kernels.shape[-1]
-        out = F.conv2d(grid, group.kernels, group.bias, padding=size // 2, groups=n * c)
-        out = out.permute(0, 2, 3, 1).unflatten(-1, (n, c, group.num_kernels))  # (B, h, w, n, hidden, M)
+        outs = []
+        for run in group.runs:
+            # (B, n_run * hidden, h, w) in channels-last memory; candidates of channel (e, c) at (e, c, m)
+            grid = h[..., run.start : run.stop, :].flatten(-2).contiguous().permute(0, 3, 1, 2)
+            out = F.conv2d(
+                grid, run.kernels, run.bias, padding=run.padding, dilation=run.dilation, groups=grid.shape[1]
+            )
+            outs.append(out.permute(0, 2, 3, 1))  # (B, h, w, n_run * hidden * M)
+        out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        out = out.unflatten(-1, (-1, c, group.num_kernels))  # (B, h, w, n, hidden, M)
         # conv(x, Σ_m a_m W_m) = Σ_m a_m conv(x, W_m)
         h = h + F.gelu((out * weights[:, None, None, :, None, :]).sum(dim=-1))
         return h, group.classifier(h) if votes else None
 
 
+class ConvRun(NamedTuple):
+    """Consecutive adaptive experts of one dilation: their candidate kernels as one grouped convolution."""
+
+    start: int
+    stop: int
+    kernels: torch.Tensor  # (n_run * hidden * M, 1, k, k)
+    bias: torch.Tensor  # (n_run * hidden * M,)
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
 class AdaptiveGroup(NamedTuple):
     gate_in: GroupedLinear
     gate_out: GroupedLinear
-    kernels: torch.Tensor  # (n * hidden * M, 1, K, K)
-    bias: torch.Tensor  # (n * hidden * M,)
+    runs: tuple[ConvRun, ...]
     classifier: GroupedLinear
     num_kernels: int  # M
-
-
-def common_kernel_size(kernel_size: int, dilations: Sequence[int]) -> int:
-    """The size ``K = (k - 1) · max(d) + 1`` of one kernel that holds ``k x k`` kernels at each of the ``dilations``."""
-    if kernel_size % 2 == 0:
-        raise ValueError(f"dilated kernels share one convolution only for odd kernel sizes, got {kernel_size}.")
-    return (kernel_size - 1) * max(dilations) + 1
-
-
-def dilated_tap_positions(kernel_size: int, dilations: Sequence[int]) -> torch.Tensor:
-    """Where each of n dilated ``k x k`` kernels puts its taps inside one common ``K x K`` kernel.
-
-    A convolution with dilation ``d`` equals an undilated one whose kernel has ``d - 1`` zeros between the taps;
-    centred in ``K`` (:func:`common_kernel_size`) with padding ``(K - 1) / 2``, all dilations become one convolution.
-
-    Args:
-        kernel_size: the odd k.
-        dilations: one dilation per kernel.
-
-    Returns:
-        ``(n, k²)`` flat positions in ``K x K`` of each kernel's taps (in the kernel's own row-major order).
-    """
-    size = common_kernel_size(kernel_size, dilations)
-    centre, half = (size - 1) // 2, (kernel_size - 1) // 2
-    offsets = torch.arange(kernel_size) - half
-    rows = centre + torch.tensor(list(dilations))[:, None, None] * offsets[None, :, None]  # (n, k, 1)
-    cols = centre + torch.tensor(list(dilations))[:, None, None] * offsets[None, None, :]  # (n, 1, k)
-    return (rows * size + cols).flatten(1)

@@ -29,8 +29,6 @@ from ic_moe_monai.networks.experts import (
     Expert,
     SemanticExpert,
     SemanticGroup,
-    common_kernel_size,
-    dilated_tap_positions,
 )
 from ic_moe_monai.networks.fusion import fold_layer_norms, stacked_output_weight, weighted_sum
 from ic_moe_monai.networks.sam_weights import (
@@ -94,11 +92,6 @@ class ICMoELayer(nn.Module):
         self.norm_eps = self.router.norm.eps
         if any(e.norm.eps != self.norm_eps for e in experts):
             raise ValueError("the experts' and the router's LayerNorms must share one eps.")
-        # the adaptive experts' dilated kernels, placed in one common kernel (see AdaptiveExpert.group_weights)
-        kernel_size = experts[-1].candidates.kernel_size[0] if adaptive_dilations else 1
-        dilations = list(adaptive_dilations) or [1]
-        self.adaptive_kernel_size = common_kernel_size(kernel_size, dilations)
-        self.register_buffer("adaptive_taps", dilated_tap_positions(kernel_size, dilations), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x ``(B, h, w, D)`` → (x + Δ, aux).
@@ -133,9 +126,7 @@ class ICMoELayer(nn.Module):
             down=fold_layer_norms([(e.norm, e.down) for e in experts] + [(self.router.norm, self.router.score)]),
             basic=BasicExpert.group_weights(basic) if basic else None,
             semantic=SemanticExpert.group_weights(semantic) if semantic else None,
-            adaptive=AdaptiveExpert.group_weights(adaptive, self.adaptive_taps, self.adaptive_kernel_size)
-            if adaptive
-            else None,
+            adaptive=AdaptiveExpert.group_weights(adaptive) if adaptive else None,
             up=stacked_output_weight([e.up for e in experts]),
         )
 
@@ -160,8 +151,7 @@ class ICMoELayer(nn.Module):
                 return weights
             return tree_map(lambda t: t.to(autocast) if _is_float_tensor(t) else t, weights)
 
-        sources = [*self.parameters(), self.adaptive_taps]
-        return reuse_while_unchanged(self, "_weights_cache", sources, prepare, (autocast,))
+        return reuse_while_unchanged(self, "_weights_cache", self.parameters(), prepare, (autocast,))
 
     def clear_weights_cache(self) -> None:
         """Forget the prepared weights reused in inference (see :meth:`fused_weights`)."""
