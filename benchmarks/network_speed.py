@@ -13,7 +13,8 @@ measures, interleaved in one run, the median eval forward time per slice of
 - ``stock``: SAM's own ``model.image_encoder(x)`` (same weights, SAM's attention code);
 - ``sam_as_built`` (SAM sizes, when the automatic window is not SAM's 14): an ``ImageEncoderViT`` with SAM's
   window 14, as SAM builds it;
-- ``icmoe_compiled`` (``--compile``, bf16 on CUDA, fp32 on the CPU): ICMoE with ``compile_blocks=True``.
+- ``icmoe_compiled`` (``--compile``): ICMoE with ``compile_blocks=True``, in bf16 on CUDA (fp32 on the CPU), at the
+  largest batch of each encoder only (each new shape or dtype would be a compilation of its own).
 
 It reports the ratios ICMoE / bare and ICMoE / stock, FLOPs per slice (``torch.utils.flop_counter``, attention counted
 through the math backend) and the achieved TFLOP/s; on CUDA also a large bf16 matmul (8192³) measured in the same
@@ -56,7 +57,7 @@ CASES = {
 }
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16", "fp16"]}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILED_DTYPE = {"cpu": "fp32", "cuda": "bf16"}  # each compiled dtype is a compilation of its own: one per case
+COMPILED_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
 SAM_WINDOW = 14
 
 
@@ -168,7 +169,7 @@ def run_case(
 ) -> dict[str, object]:
     torch.manual_seed(1)
     x = torch.rand(batch, 3, img_size, img_size, device=device)
-    compiled = args.compile and dtype == COMPILED_DTYPE[device.type]
+    compiled = args.compile and dtype == COMPILED_DTYPE[device.type] and batch == args.compile_batch[encoder, img_size]
     autocast = torch.autocast(device.type, dtype=LOW_PRECISION[dtype]) if dtype in LOW_PRECISION else nullcontext()
     with torch.inference_mode(), autocast:
         runs = variants(nets, x, compiled)
@@ -284,8 +285,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also ICMoE with compile_blocks (bf16 on CUDA)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode for --compile")
     parser.add_argument("--op-counts", action="store_true", help="count the lite network's aten ops instead (CPU)")
-    parser.add_argument("--out", default="benchmarks/results/network_speed.json")
+    parser.add_argument("--out", help="JSON file (default benchmarks/results/network_speed_<device>.json)")
     args = parser.parse_args()
+    args.out = (
+        args.out or f"benchmarks/results/network_{'op_counts' if args.op_counts else 'speed_' + args.device}.json"
+    )
     if args.op_counts:
         counts = {"benchmark": "aten ops of lite (batch 4, 64²) on the CPU", **op_counts(), "machine": machine_info()}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +300,10 @@ def main() -> None:
     args.repeats = args.repeats or (10 if device.type == "cuda" else 5)
     dtypes = args.dtypes.split(",") if args.dtypes else DTYPES[device.type]
     started = time.perf_counter()
+    cases = parse_cases(args.cases, device.type)
+    args.compile_batch = {}
+    for encoder, img_size, batch in cases:
+        args.compile_batch[encoder, img_size] = max(batch, args.compile_batch.get((encoder, img_size), 0))
 
     results: dict[str, object] = {
         "benchmark": "eval forward per slice: ICMoE vs its bare encoder (same block loop) vs SAM's image_encoder",
@@ -309,7 +317,7 @@ def main() -> None:
     if device.type == "cuda":
         results["matmul_bf16"] = matmul_tflops(device)
     built: dict[tuple[str, int], tuple[dict[str, torch.nn.Module], dict[str, float]]] = {}
-    for encoder, img_size, batch in parse_cases(args.cases, device.type):
+    for encoder, img_size, batch in cases:
         if (encoder, img_size) not in built:
             nets = build(encoder, img_size, device, args.compile and (args.compile_mode or True))
             built[(encoder, img_size)] = nets, flops_per_slice(nets, img_size, device)
