@@ -120,8 +120,10 @@ def test_fused_layer_gradients_equal_reference(config):
     fused, reference = grads
     assert fused.keys() == reference.keys()
     for name in reference:
-        torch.testing.assert_close(fused[name], reference[name], atol=1e-4, rtol=1e-4, msg=name)
-        assert reference[name].abs().max() > 0, name
+        scale = reference[name].abs().max()
+        assert scale > 0, name
+        # relative to each gradient's own scale: the summed random projections make some gradients large
+        assert (fused[name] - reference[name]).abs().max() <= 1e-5 * scale, name
 
 
 def test_each_expert_forward_equals_reference():
