@@ -17,9 +17,16 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_fresh_experts_leave_encoder_unchanged(encoder, img_size):
     torch.manual_seed(0)
     model = ICMoE(num_classes=2, img_size=img_size, encoder=encoder).eval()
+    for name, p in model.image_encoder.named_parameters():  # SAM starts them at zero; trained ones are not
+        if "rel_pos" in name:
+            torch.nn.init.normal_(p, std=0.05)
     x = model.preprocess(torch.rand(2, 3, img_size, img_size))
     with torch.no_grad():
-        assert torch.equal(model.encode(x), model.image_encoder(x))
+        encoded = model.encode(x)
+        # fresh experts add exactly zero: bit-equal to the same block loop without them
+        assert torch.equal(encoded, model.encode(x, experts=False))
+        # the block loop computes SAM's attention through scaled_dot_product_attention: equal up to rounding
+        torch.testing.assert_close(encoded, model.image_encoder(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("encoder", "img_size", "grid"), [("vit_b", 256, 16), ("vit_b", 512, 32), ("lite", 64, 16)])
@@ -161,3 +168,61 @@ def test_detail_branch_starts_as_identity_and_learns():
     loss = ICMoELoss(num_classes=2)(model(x), torch.randint(0, 3, (2, 1, 64, 64)))
     loss.backward()
     assert model.detail_branch.proj.weight.grad.abs().sum() > 0
+
+
+def test_prompt_embedding_equals_sam_prompt_encoder():
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite")
+    torch.nn.init.normal_(model.prompt_encoder.not_a_point_embed.weight)  # any value must reach the padding points
+    points = torch.tensor([[[10.0, 12.0], [40.0, 30.0], [3.0, 3.0]], [[20.0, 50.0], [0.0, 0.0], [63.0, 1.0]]])
+    labels = torch.tensor([[1, 0, 1], [1, -1, 0]])
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 30.0], [10.0, 20.0, 60.0, 50.0]])
+    pe = model.prompt_encoder
+    with torch.no_grad():
+        for kwargs, sam_kwargs in (
+            ({"points": points, "point_labels": labels}, {"points": (points, labels), "boxes": None}),
+            ({"boxes": boxes}, {"points": None, "boxes": boxes}),
+            ({"points": points, "point_labels": labels, "boxes": boxes}, {"points": (points, labels), "boxes": boxes}),
+        ):
+            sparse, dense = model.embed_prompts(2, **kwargs)
+            sam_sparse, sam_dense = pe(masks=None, **sam_kwargs)
+            assert torch.equal(sparse, sam_sparse)
+            assert torch.equal(dense, sam_dense)
+
+
+@pytest.mark.parametrize("prompted", [False, True])
+def test_train_forward_has_no_host_sync(prompted):
+    """Nothing in the training forward waits for the device or has a data-dependent shape (CUDA-graph capturable)."""
+    from tests.sync_check import NoHostSync
+
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=64, encoder="lite").train()
+    x = torch.rand(2, 3, 64, 64)
+    prompts = {}
+    if prompted:
+        prompts = {"points": torch.tensor([[[10.0, 12.0]], [[20.0, 50.0]]]), "point_labels": torch.tensor([[1], [0]])}
+    with NoHostSync() as mode:
+        out = model(x, **prompts)
+        loss = out["logits"].mean() + out["expert_logits"].mean() + out["router_weights"].mean()
+    loss.backward()
+    assert mode.ops > 100
+
+
+@pytest.mark.slow
+def test_compiled_block_loop_equals_eager():
+    torch.manual_seed(0)
+    model = ICMoE(num_classes=2, img_size=32, encoder="lite", moe_blocks=[5])  # one layer: compiles faster
+    compiled = ICMoE(num_classes=2, img_size=32, encoder="lite", moe_blocks=[5], compile_blocks=True)
+    for p in model.moe_layers.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
+    compiled.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    model.train(), compiled.train()
+    out, out_compiled = model(x), compiled(x)
+    for key in out:
+        torch.testing.assert_close(out_compiled[key], out[key], atol=1e-4, rtol=1e-4)
+    out_compiled["logits"].sum().backward()
+    assert compiled.moe_layers["5"].experts[0].up.weight.grad.abs().sum() > 0
+    model.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

@@ -6,9 +6,10 @@ import pickle
 
 import pytest
 import torch
+from segment_anything.modeling.image_encoder import get_rel_pos
 
 from ic_moe_monai.networks import ICMoE, SamCheckpointError
-from ic_moe_monai.networks.sam_weights import detect_sam_variant
+from ic_moe_monai.networks.sam_weights import auto_window_size, detect_sam_variant
 
 GLOBAL_BLOCKS_VIT_B = (2, 5, 8, 11)
 
@@ -20,6 +21,7 @@ def _encoder_keys(model: ICMoE) -> list[str]:
 def test_load_at_pretraining_size_copies_every_weight(sam_vit_b_checkpoint, sam_vit_b_state):
     # K = 3 foreground classes -> 4 mask tokens, exactly SAM's count: nothing needs adapting either
     model = ICMoE(num_classes=3, img_size=1024, encoder="vit_b", sam_checkpoint=str(sam_vit_b_checkpoint))
+    assert model.window_size == 14  # the automatic window at SAM's own size is SAM's
     report = model.load_report
     assert report.variant == "vit_b"
     assert report.interpolated == []
@@ -32,10 +34,13 @@ def test_load_at_pretraining_size_copies_every_weight(sam_vit_b_checkpoint, sam_
 
 
 def test_load_at_256_interpolates_only_size_dependent_tensors(sam_vit_b_checkpoint, sam_vit_b_state):
+    # at 256 the automatic window is the whole 16 x 16 grid: every block's tables go to 31 rows, the windowed blocks'
+    # from SAM's 27 (window 14), the global blocks' from 127 (a 64 x 64 grid)
     model = ICMoE(num_classes=2, img_size=256, encoder="vit_b", sam_checkpoint=str(sam_vit_b_checkpoint))
+    assert model.window_size == 16
     report = model.load_report
     expected = {"image_encoder.pos_embed"} | {
-        f"image_encoder.blocks.{b}.attn.rel_pos_{axis}" for b in GLOBAL_BLOCKS_VIT_B for axis in "hw"
+        f"image_encoder.blocks.{b}.attn.rel_pos_{axis}" for b in range(12) for axis in "hw"
     }
     assert set(report.interpolated) == expected
     own = model.state_dict()
@@ -46,9 +51,30 @@ def test_load_at_256_interpolates_only_size_dependent_tensors(sam_vit_b_checkpoi
             assert torch.equal(own[key], sam_vit_b_state[key]), key
     assert own["image_encoder.pos_embed"].shape == (1, 16, 16, 768)
     assert own["image_encoder.blocks.2.attn.rel_pos_h"].shape == (31, 64)
+    assert sam_vit_b_state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 64)
+    assert own["image_encoder.blocks.0.attn.rel_pos_h"].shape == (31, 64)
+    # linear, as SAM's get_rel_pos resizes a table of another length: read its 31 offsets back from its (16, 16) pairs
+    for key in ("image_encoder.blocks.0.attn.rel_pos_w", "image_encoder.blocks.2.attn.rel_pos_h"):
+        pairs = get_rel_pos(16, 16, sam_vit_b_state[key])  # pairs[q, k] = table[q - k + 15]
+        resized = torch.cat([pairs[:, 15], pairs[15, :15].flip(0)])
+        torch.testing.assert_close(own[key], resized, atol=1e-6, rtol=1e-6)
     # a constant embedding stays constant through interpolation (no border artefacts in the resize)
     assert torch.allclose(
         own["image_encoder.pos_embed"].mean(), sam_vit_b_state["image_encoder.pos_embed"].mean(), atol=1e-2
+    )
+
+
+def test_load_at_256_with_sam_window_keeps_window_tables(sam_vit_b_checkpoint, sam_vit_b_state):
+    model = ICMoE(
+        num_classes=2, img_size=256, encoder="vit_b", sam_checkpoint=str(sam_vit_b_checkpoint), window_size=14
+    )
+    expected = {"image_encoder.pos_embed"} | {
+        f"image_encoder.blocks.{b}.attn.rel_pos_{axis}" for b in GLOBAL_BLOCKS_VIT_B for axis in "hw"
+    }
+    assert set(model.load_report.interpolated) == expected
+    own = model.state_dict()
+    assert torch.equal(
+        own["image_encoder.blocks.0.attn.rel_pos_h"], sam_vit_b_state["image_encoder.blocks.0.attn.rel_pos_h"]
     )
 
 
@@ -76,6 +102,37 @@ def test_medsam_style_wrapped_checkpoint_loads(tmp_path, sam_vit_b_state):
     model = ICMoE(num_classes=1, img_size=256, encoder="vit_b", sam_checkpoint=str(path))
     assert model.load_report.variant == "vit_b"
     assert torch.equal(model.image_encoder.neck[0].weight, sam_vit_b_state["image_encoder.neck.0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("encoder", "img_size", "window"),
+    [
+        ("vit_b", 256, 16),
+        ("vit_b", 1024, 14),
+        ("vit_h", 1024, 14),
+        ("vit_l", 128, 8),
+        ("vit_b", 224, 14),
+        ("lite", 64, 0),
+    ],
+)
+def test_auto_window_size(encoder, img_size, window):
+    assert auto_window_size(encoder, img_size) == window
+
+
+def test_window_sizes():
+    model = ICMoE(num_classes=1, img_size=256, encoder="vit_b")  # "auto"
+    assert model.window_size == 16
+    assert [b.window_size for b in model.image_encoder.blocks][:3] == [16, 16, 0]
+    assert model.image_encoder.blocks[0].attn.rel_pos_h.shape == (31, 64)
+    assert ICMoE(num_classes=1, img_size=64, encoder="lite").window_size == 0
+    model = ICMoE(num_classes=1, img_size=256, encoder="vit_b", window_size=14)
+    assert [b.window_size for b in model.image_encoder.blocks][:3] == [14, 14, 0]
+    assert model.image_encoder.blocks[0].attn.rel_pos_h.shape == (27, 64)
+    model = ICMoE(num_classes=1, img_size=256, encoder="vit_b", window_size=0)
+    assert all(b.window_size == 0 for b in model.image_encoder.blocks)
+    for bad in (-1, "big", 2.5, True):
+        with pytest.raises(ValueError, match="window_size must be"):
+            ICMoE(num_classes=1, img_size=64, encoder="lite", window_size=bad)
 
 
 def test_detect_variant(sam_vit_b_state):

@@ -9,17 +9,32 @@ trained with label-consistency routing, load balancing and semantic-guided contr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from ic_moe_monai.networks.experts import AdaptiveExpert, BasicExpert, Expert, SemanticExpert
+from ic_moe_monai.networks.caching import forget, reuse_while_unchanged
+from ic_moe_monai.networks.decoder_blocks import two_way_transformer
+from ic_moe_monai.networks.encoder_blocks import block_forward
+from ic_moe_monai.networks.experts import (
+    AdaptiveExpert,
+    AdaptiveGroup,
+    BasicExpert,
+    BasicGroup,
+    Expert,
+    SemanticExpert,
+    SemanticGroup,
+)
+from ic_moe_monai.networks.fusion import fold_layer_norms, stacked_output_weight, weighted_sum
 from ic_moe_monai.networks.sam_weights import (
     ENCODER_CONFIGS,
     LoadReport,
+    auto_window_size,
     build_image_encoder,
     build_mask_decoder,
     build_prompt_encoder,
@@ -27,7 +42,7 @@ from ic_moe_monai.networks.sam_weights import (
 )
 from ic_moe_monai.networks.voting import TopKRouter
 
-__all__ = ["DetailBranch", "ICMoE", "ICMoELayer", "count_parameters"]
+__all__ = ["DetailBranch", "ICMoE", "ICMoELayer", "LayerWeights", "count_parameters"]
 
 # SAM's pixel statistics (ImageNet, 0-255 scale); applied when feeding a pretrained SAM encoder.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -36,6 +51,12 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 class ICMoELayer(nn.Module):
     """One IC-MoE layer: basic, semantic and adaptive experts fused per token by a top-k router.
+
+    The experts run densely on every token (at bottleneck width the dense pass costs less than gathering tokens per
+    expert, and the top-k weights are exactly zero for the experts not selected), and together: the layer computes
+    all experts' down projections and the router's scores as one product on the shared normalised tokens, each
+    family's mixing for all its experts at once, and the router-weighted sum of the up projections as one product
+    (:mod:`ic_moe_monai.networks.fusion`). Each expert's own ``forward`` is the definition this computes.
 
     Args:
         dim: token width D.
@@ -65,22 +86,113 @@ class ICMoELayer(nn.Module):
             raise ValueError("an IC-MoE layer needs at least one expert.")
         self.experts = nn.ModuleList(experts)
         self.router = TopKRouter(dim, len(experts), top_k=min(top_k, len(experts)))
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.num_basic, self.num_semantic = num_basic, num_semantic
+        # the shared normalisation of fold_layer_norms needs one eps for all norms
+        self.norm_eps = self.router.norm.eps
+        if any(e.norm.eps != self.norm_eps for e in experts):
+            raise ValueError("the experts' and the router's LayerNorms must share one eps.")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x ``(B, h, w, D)`` → (x + Δ, what the losses need).
+        """x ``(B, h, w, D)`` → (x + Δ, aux).
 
-        Experts run densely: at bottleneck width the dense pass costs less than gathering tokens per expert,
-        and the top-k weights are exactly zero for the experts not selected.
+        ``aux`` holds ``router_logits`` and ``router_weights`` ``(B, h, w, E)`` and, in training mode only (the
+        losses' expert supervision), every expert's vote ``expert_logits`` ``(B, h, w, E, K+1)``.
         """
-        deltas, votes = zip(*(expert(x) for expert in self.experts), strict=True)
-        route = self.router(x)
-        delta = (torch.stack(deltas, dim=-2) * route.weights.unsqueeze(-1)).sum(dim=-2)  # (B, h, w, D)
-        aux = {
-            "expert_logits": torch.stack(votes, dim=-2),  # (B, h, w, E, K+1)
-            "router_logits": route.logits,  # (B, h, w, E)
-            "router_weights": route.weights,  # (B, h, w, E)
-        }
+        weights = self._current_weights(x.device.type)
+        num_experts = len(self.experts)
+        # 1. every expert's down projection and the router's scores: one product on the shared normalised tokens
+        projected = F.linear(F.layer_norm(x, (self.dim,), eps=self.norm_eps), *weights.down)
+        hidden, router_logits = projected.split([num_experts * self.hidden_dim, num_experts], dim=-1)
+        hidden = F.gelu(hidden).unflatten(-1, (num_experts, self.hidden_dim))  # (B, h, w, E, hidden)
+        route = self.router.route(router_logits)
+        # 2. each family's mixing, all experts of a family at once
+        mixed, votes = self._mix(weights, hidden, votes=self.training)
+        # 3. Σ_e w_e · up_e(mixed_e): one product
+        delta = weighted_sum(mixed, route.weights, weights.up)
+        aux = {"router_logits": route.logits, "router_weights": route.weights}
+        if votes is not None:
+            aux["expert_logits"] = votes
         return x + delta, aux
+
+    def fused_weights(self) -> LayerWeights:
+        """Everything the fused forward needs that depends on the parameters alone: folded, stacked and
+        block-diagonal versions of the experts' and the router's parameters (differentiable)."""
+        experts = list(self.experts)
+        basic_end = self.num_basic
+        semantic_end = basic_end + self.num_semantic
+        basic, semantic, adaptive = experts[:basic_end], experts[basic_end:semantic_end], experts[semantic_end:]
+        return LayerWeights(
+            down=fold_layer_norms([(e.norm, e.down) for e in experts] + [(self.router.norm, self.router.score)]),
+            basic=BasicExpert.group_weights(basic) if basic else None,
+            semantic=SemanticExpert.group_weights(semantic) if semantic else None,
+            adaptive=AdaptiveExpert.group_weights(adaptive) if adaptive else None,
+            up=stacked_output_weight([e.up for e in experts]),
+        )
+
+    def _current_weights(self, device_type: str) -> LayerWeights:
+        """:meth:`fused_weights`, reused between forwards while no parameter changes, where no gradient is needed.
+
+        In inference the preparation (about 20 small kernels per layer) would otherwise run on every forward; see
+        :mod:`~ic_moe_monai.networks.caching` for when it is rebuilt. Writes through ``param.data`` bypass the version
+        counters it watches: call :meth:`clear_weights_cache` after them. Not used under autograd, tracing or
+        compilation.
+
+        Under autocast the entry holds the weights already in the autocast dtype: every prepared tensor feeds a
+        matrix product or convolution, which autocast would otherwise cast on every forward.
+        """
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self.fused_weights()
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+        def prepare() -> LayerWeights:
+            weights = self.fused_weights()  # parameter precision: the preparation uses no autocast-lowered op
+            if autocast is None:
+                return weights
+            return tree_map(lambda t: t.to(autocast) if _is_float_tensor(t) else t, weights)
+
+        return reuse_while_unchanged(self, "_weights_cache", self.parameters(), prepare, (autocast,))
+
+    def clear_weights_cache(self) -> None:
+        """Forget the prepared weights reused in inference (see :meth:`fused_weights`)."""
+        forget(self, "_weights_cache")
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the parameters are replaced
+        self.clear_weights_cache()
+        return super()._apply(fn, recurse)
+
+    def _mix(
+        self, weights: LayerWeights, hidden: torch.Tensor, votes: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bottleneck tokens ``(B, h, w, E, hidden)`` → mixed tokens (same shape) and, if ``votes``, the experts'
+        class logits ``(B, h, w, E, K+1)``, in expert order (basic, semantic, adaptive)."""
+        basic_end = self.num_basic
+        semantic_end = basic_end + self.num_semantic
+        parts = []
+        if weights.basic is not None:
+            parts.append(BasicExpert.mix_group(weights.basic, hidden[..., :basic_end, :], votes))
+        if weights.semantic is not None:
+            parts.append(SemanticExpert.mix_group(weights.semantic, hidden[..., basic_end:semantic_end, :]))
+        if weights.adaptive is not None:
+            parts.append(AdaptiveExpert.mix_group(weights.adaptive, hidden[..., semantic_end:, :], votes))
+        mixed = torch.cat([m for m, _ in parts], dim=-2) if len(parts) > 1 else parts[0][0]
+        if not votes:
+            return mixed, None
+        return mixed, torch.cat([v for _, v in parts], dim=-2) if len(parts) > 1 else parts[0][1]
+
+
+def _is_float_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+class LayerWeights(NamedTuple):
+    """An :class:`ICMoELayer`'s parameters prepared for its fused forward (:meth:`ICMoELayer.fused_weights`)."""
+
+    down: tuple[torch.Tensor, torch.Tensor]  # every expert's down projection and the router's scores, norms folded in
+    basic: BasicGroup | None
+    semantic: SemanticGroup | None
+    adaptive: AdaptiveGroup | None
+    up: torch.Tensor  # stacked output projections, for weighted_sum
 
 
 class DetailBranch(nn.Module):
@@ -126,8 +238,10 @@ class ICMoE(nn.Module):
     Input ``(B, C, H, W)`` with ``H == W == img_size``: C neighbouring slices (2.5D) or one slice repeated,
     intensities normalised to [0, 1] (CT window, MR percentiles). Output: logits ``(B, K + 1, H, W)``.
 
-    ``model.image_encoder`` is an unmodified ``segment_anything.modeling.ImageEncoderViT``: the experts sit
-    beside its blocks and are applied by :meth:`encode`. With fresh experts, ``encode(x) == image_encoder(x)``.
+    ``model.image_encoder`` is an unmodified ``segment_anything.modeling.ImageEncoderViT`` holding the encoder's
+    weights: the experts sit beside its blocks, and :meth:`encode` runs each block from that block's own weights with
+    fused attention (:func:`~ic_moe_monai.networks.encoder_blocks.block_forward`). With fresh experts,
+    ``encode(x)`` equals ``image_encoder(x)`` up to floating-point rounding.
 
     In ``train()`` mode :meth:`forward` returns a dict (``logits`` plus what :class:`~ic_moe_monai.losses.ICMoELoss`
     needs); in ``eval()`` mode it returns the logits tensor alone, so MONAI inferers and tracing see a plain network.
@@ -149,6 +263,13 @@ class ICMoE(nn.Module):
             default True for SAM sizes, False for ``lite``.
         detail_branch: add a :class:`DetailBranch` of high-resolution features to the mask decoder;
             default True for ``lite``, False for SAM sizes (SAM's decoder as published).
+        window_size: attention window of the encoder's non-global blocks (0: global attention everywhere).
+            ``"auto"``: for SAM sizes, SAM's 14 or the whole token grid, whichever costs fewer FLOPs at ``img_size``
+            (16 at 256, 14 at 1024; see :func:`~ic_moe_monai.networks.sam_weights.auto_window_size`); 0 for ``lite``.
+            Relative-position tables of a SAM checkpoint are interpolated to the window.
+        compile_blocks: run the encoder's block loop (blocks and IC-MoE layers) through ``torch.compile``, compiled
+            lazily on first use; a string is taken as ``torch.compile``'s ``mode`` (e.g. ``"max-autotune"``).
+            The result does not depend on it; tracing (``torch.jit.trace``) always runs the eager loop.
     """
 
     def __init__(
@@ -168,6 +289,8 @@ class ICMoE(nn.Module):
         embedding_dim: int = 128,
         pixel_normalize: bool | None = None,
         detail_branch: bool | None = None,
+        window_size: int | str = "auto",
+        compile_blocks: bool | str = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -176,13 +299,19 @@ class ICMoE(nn.Module):
             raise ValueError(f"encoder must be one of {sorted(ENCODER_CONFIGS)}, got {encoder!r}.")
         if sam_checkpoint and encoder == "lite":
             raise ValueError("encoder='lite' is trained from scratch; SAM checkpoints exist for vit_b, vit_l, vit_h.")
+        if window_size == "auto":
+            window_size = auto_window_size(encoder, img_size)
+        elif isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"window_size must be 'auto' or an integer >= 0, got {window_size!r}.")
         cfg = ENCODER_CONFIGS[encoder]
         self.num_classes = num_classes
         self.img_size = img_size
         self.in_channels = in_channels
         self.encoder_name = encoder
+        self.window_size = window_size
+        self.compile_blocks = compile_blocks
 
-        self.image_encoder = build_image_encoder(encoder, img_size, in_channels)
+        self.image_encoder = build_image_encoder(encoder, img_size, in_channels, window_size)
         self.prompt_encoder = build_prompt_encoder(encoder, img_size)
         self.mask_decoder = build_mask_decoder(encoder, num_classes)
         self.load_report: LoadReport | None = None
@@ -246,23 +375,28 @@ class ICMoE(nn.Module):
             return x
         return (x - self.pixel_mean) / self.pixel_std
 
-    def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Preprocessed image ``(B, C, H, W)`` → final token grid ``(B, h, w, D)`` and each IC-MoE layer's outputs."""
+    def encode_tokens(
+        self, x: torch.Tensor, experts: bool = True
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Preprocessed image ``(B, C, H, W)`` → final token grid ``(B, h, w, D)`` and each IC-MoE layer's outputs.
+
+        Args:
+            x: preprocessed image.
+            experts: apply the IC-MoE layers; False runs the bare encoder through the same block loop.
+        """
         enc = self.image_encoder
         tokens = enc.patch_embed(x)
         if enc.pos_embed is not None:
             tokens = tokens + enc.pos_embed
-        aux = []
-        for i, block in enumerate(enc.blocks):
-            tokens = block(tokens)
-            if str(i) in self.moe_layers:
-                tokens, layer_aux = self.moe_layers[str(i)](tokens)
-                aux.append(layer_aux)
-        return tokens, aux
+        run = _run_blocks
+        if self.compile_blocks and not torch.jit.is_tracing():
+            run = _compiled_run_blocks(self.compile_blocks)
+        return run(self, tokens, experts)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied."""
-        tokens, _ = self.encode_tokens(x)
+    def encode(self, x: torch.Tensor, experts: bool = True) -> torch.Tensor:
+        """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied unless
+        ``experts=False``."""
+        tokens, _ = self.encode_tokens(x, experts)
         return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
 
     # ------------------------------------------------------------------------------------------------ decoder
@@ -288,10 +422,39 @@ class ICMoE(nn.Module):
                     f"points {tuple(points.shape)} and point_labels {tuple(point_labels.shape)} must be "
                     f"(B, N, 2) and (B, N) with B = {batch_size}."
                 )
-            points = (points.float(), point_labels)
         if boxes is not None and boxes.shape != (batch_size, 4):
             raise ValueError(f"boxes must be (B, 4) = ({batch_size}, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}.")
-        return pe(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
+        sparse = []
+        if points is not None:
+            sparse.append(self._embed_points(points.float(), point_labels, pad=boxes is None))
+        if boxes is not None:
+            sparse.append(self._embed_boxes(boxes.float()))
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch_size, -1, *pe.image_embedding_size)
+        return torch.cat(sparse, dim=1) if len(sparse) > 1 else sparse[0], dense
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """SAM's ``PromptEncoder._embed_points`` without boolean-mask writes: ``(B, N, 2)`` → ``(B, N (+1), C)``.
+
+        SAM zeroes padding points and adds the label embeddings by boolean-mask assignment, which synchronises a GPU
+        with the host and cannot be captured in a CUDA graph; ``torch.where`` selects the same values.
+        """
+        pe = self.prompt_encoder
+        points = points + 0.5  # centre of the pixel
+        if pad:  # SAM's extra padding point when no box follows
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
+        embedding = pe.pe_layer.forward_with_coords(points, pe.input_image_size)  # (B, N, C)
+        labels = labels.unsqueeze(-1)
+        label_embedding = torch.where(
+            labels == 1, pe.point_embeddings[1].weight, torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
+        )
+        return torch.where(labels == -1, pe.not_a_point_embed.weight, embedding + label_embedding)
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """SAM's ``PromptEncoder._embed_boxes``: ``(B, 4)`` → two corner embeddings ``(B, 2, C)``."""
+        pe = self.prompt_encoder
+        corners = pe.pe_layer.forward_with_coords((boxes + 0.5).reshape(-1, 2, 2), pe.input_image_size)
+        return corners + torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])
 
     def decode(
         self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, detail: torch.Tensor | None = None
@@ -307,14 +470,34 @@ class ICMoE(nn.Module):
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         src = embedding + dense
-        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
-        hs, src = md.transformer(src, pos, tokens)
+        hs, src = two_way_transformer(md.transformer, src, self._dense_pe(), tokens)
         mask_tokens = hs[:, 1 : 1 + md.num_mask_tokens, :]
         upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
         if detail is not None:
             upscaled = upscaled + detail(tuple(upscaled.shape[-2:]))
         hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         return (hyper @ upscaled.flatten(2)).reshape(b, md.num_mask_tokens, *upscaled.shape[-2:])
+
+    def _dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid ``(1, C, h, w)``, in float32.
+
+        A function of a fixed buffer (SAM's random Fourier features), kept between forwards rather than rebuilt by
+        some fifteen kernels each time (see :mod:`~ic_moe_monai.networks.caching`).
+        """
+        pe_layer = self.prompt_encoder.pe_layer
+        matrix = pe_layer.positional_encoding_gaussian_matrix
+
+        def compute() -> torch.Tensor:
+            with torch.autocast(matrix.device.type, enabled=False):
+                return self.prompt_encoder.get_dense_pe().to(matrix.dtype)
+
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return compute()
+        return reuse_while_unchanged(self, "_dense_pe_cache", [matrix], compute)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the buffers are replaced
+        forget(self, "_dense_pe_cache")
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------------------------ interactive use
     def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,6 +560,31 @@ class ICMoE(nn.Module):
         for key in ("expert_logits", "router_logits", "router_weights"):
             out[key] = torch.stack([layer[key] for layer in aux], dim=1)  # batch first, so MONAI can decollate
         return out
+
+
+def _run_blocks(
+    model: ICMoE, tokens: torch.Tensor, experts: bool
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The encoder's blocks on tokens ``(B, h, w, D)``, each followed by its IC-MoE layer if it has one."""
+    aux = []
+    for i, block in enumerate(model.image_encoder.blocks):
+        tokens = block_forward(block, tokens)
+        if experts and str(i) in model.moe_layers:
+            tokens, layer_aux = model.moe_layers[str(i)](tokens)
+            aux.append(layer_aux)
+    return tokens, aux
+
+
+_COMPILED_RUN_BLOCKS: dict[str, Callable] = {}
+
+
+def _compiled_run_blocks(mode: bool | str) -> Callable:
+    """:func:`_run_blocks` through ``torch.compile``, compiled on first use. A function of the model rather than a
+    bound method, so that copies of a model (``copy.deepcopy``) never call into the original."""
+    mode = "default" if mode is True else str(mode)
+    if mode not in _COMPILED_RUN_BLOCKS:
+        _COMPILED_RUN_BLOCKS[mode] = torch.compile(_run_blocks, mode=mode)
+    return _COMPILED_RUN_BLOCKS[mode]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -2,9 +2,10 @@
 
 SAM checkpoints (``sam_vit_b_01ec64.pth`` and friends, MedSAM's ``medsam_vit_b.pth``) are plain state dicts of
 ``segment_anything.modeling.Sam``: keys ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*``.
-Loading keeps the pretrained encoder bit-exact, except for the tensors whose shape depends on the input size
-(absolute position embedding, global-attention relative positions), which are interpolated, and the decoder's
-per-mask parameters, which are adapted to ``K + 1`` class masks.
+Loading keeps the pretrained encoder bit-exact, except for the tensors whose shape depends on the input size or the
+attention window (absolute position embedding, relative-position tables of global blocks and, when the window is not
+SAM's 14, of windowed blocks), which are interpolated, and the decoder's per-mask parameters, which are adapted to
+``K + 1`` class masks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "EncoderConfig",
     "LoadReport",
     "SamCheckpointError",
+    "auto_window_size",
     "build_image_encoder",
     "build_mask_decoder",
     "build_prompt_encoder",
@@ -85,11 +87,50 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)  # every key copied into the model
 
 
-def build_image_encoder(encoder: str, img_size: int, in_channels: int = 3) -> ImageEncoderViT:
-    """Build an unmodified ``ImageEncoderViT`` of size ``encoder`` for square inputs of ``img_size``."""
+def auto_window_size(encoder: str, img_size: int) -> int:
+    """The attention window of the windowed blocks that costs fewer FLOPs at ``img_size``: SAM's own (14) or the
+    whole token grid (global attention).
+
+    SAM pads the token grid to a multiple of its window: at ``img_size`` 256 the 16 x 16 grid becomes 28 x 28, over
+    three times the tokens for attention and its projections, while one 16-wide window attends over 256 tokens only.
+    At 1024 (a 64 x 64 grid), global attention over 4096 tokens would cost more than SAM's windows. On a tie SAM's
+    window is kept. ``lite`` keeps its global attention everywhere (window 0).
+
+    Args:
+        encoder: encoder size.
+        img_size: square input size.
+    """
+    cfg = _config(encoder)
+    grid = img_size // cfg.patch_size
+    if cfg.window_size == 0:
+        return 0
+    return min((cfg.window_size, grid), key=lambda window: _windowed_block_flops(grid, window, cfg.embed_dim))
+
+
+def _windowed_block_flops(grid: int, window: int, dim: int) -> int:
+    """Multiply-adds of one windowed ViT block: qkv and output projections (4 D² per token) on the padded grid, the
+    MLP (8 D² per token) on the real one, and attention (2 N² D per window of N tokens)."""
+    padded = -(-grid // window) * window
+    windows = (padded // window) ** 2
+    return padded**2 * 4 * dim**2 + grid**2 * 8 * dim**2 + windows * 2 * window**4 * dim
+
+
+def build_image_encoder(
+    encoder: str, img_size: int, in_channels: int = 3, window_size: int | None = None
+) -> ImageEncoderViT:
+    """Build an unmodified ``ImageEncoderViT`` of size ``encoder`` for square inputs of ``img_size``.
+
+    Args:
+        encoder: encoder size.
+        img_size: square input size (multiple of the patch size).
+        in_channels: input channels.
+        window_size: attention window of the non-global blocks (0: global everywhere); default SAM's (or ``lite``'s).
+    """
     cfg = _config(encoder)
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} must be a multiple of the patch size {cfg.patch_size} of {encoder!r}.")
+    if window_size is None:
+        window_size = cfg.window_size
     return ImageEncoderViT(
         img_size=img_size,
         patch_size=cfg.patch_size,
@@ -102,7 +143,7 @@ def build_image_encoder(encoder: str, img_size: int, in_channels: int = 3) -> Im
         qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         use_rel_pos=True,
-        window_size=cfg.window_size,
+        window_size=window_size,
         global_attn_indexes=cfg.global_attn_indexes,
     )
 
