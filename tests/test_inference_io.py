@@ -165,8 +165,8 @@ def test_nifti_writer_equals_nibabel_writer(tmp_path):
 
 def test_background_save_imaged_writes_after_flush(tmp_path):
     background = BackgroundWriter()
-    saver = BackgroundSaveImaged("pred", background=background, output_dir=tmp_path, output_postfix="",
-                                 separate_folder=False, resample=False, print_log=False, writer=NiftiWriter)  # fmt: skip
+    options = {"output_postfix": "", "separate_folder": False, "resample": False, "print_log": False}
+    saver = BackgroundSaveImaged("pred", background=background, output_dir=tmp_path, writer=NiftiWriter, **options)
     for i in range(3):
         pred = MetaTensor(torch.full((1, 4, 5, 6), i, dtype=torch.uint8), meta={"filename_or_obj": f"c{i}.nii.gz"})
         out = saver({"pred": pred, "image": torch.zeros(1)})
