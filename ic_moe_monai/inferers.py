@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -11,11 +10,15 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
+from ic_moe_monai.amp import autocast, resolve_amp_dtype
+
 __all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
+
+Progress = Callable[[int, int], None]
 
 
 def neighbor_stack(volume: torch.Tensor, indices: torch.Tensor, context: str = "neighbors") -> torch.Tensor:
-    """2.5D inputs of the slices ``indices`` of ``volume`` ``(X, Y, Z)`` → ``(len(indices), 3, X, Y)``.
+    """2.5D inputs of the slices ``indices`` of ``volume`` ``(X, Y, Z)`` → ``(len(indices), 3, X, Y)`` (contiguous).
 
     ``neighbors``: slices z-1, z, z+1, the border slice repeated at either end (as edge padding does in
     training); ``repeat``: slice z three times.
@@ -27,8 +30,8 @@ def neighbor_stack(volume: torch.Tensor, indices: torch.Tensor, context: str = "
         offsets = (-1, 0, 1)
     else:
         raise ValueError(f"context must be 'neighbors' or 'repeat', got {context!r}.")
-    channels = [volume[..., (indices + o).clamp(0, last)] for o in offsets]  # each (X, Y, b)
-    return torch.stack(channels, dim=0).permute(3, 0, 1, 2)
+    slices = volume.movedim(-1, 0)  # (Z, X, Y): a view; for a NIfTI-ordered volume each slice is contiguous
+    return torch.stack([slices[(indices + o).clamp(0, last)] for o in offsets], dim=1)
 
 
 class SliceContextInferer(Inferer):
@@ -36,8 +39,10 @@ class SliceContextInferer(Inferer):
 
     Each slice becomes a 3-channel input (itself and its neighbours, or itself repeated), is brought to the
     network's ``img_size`` in-plane (``mode="resize"``: bilinear resize there and back; ``mode="sliding_window"``:
-    MONAI's sliding window over the native in-plane grid), and its logits are written back into the volume.
-    The volume and the result stay on ``sw_device``; only the slice batch moves to ``device``.
+    MONAI's sliding window over the native in-plane grid), and its logits (or labels) are written back into the
+    volume. As in MONAI's ``SlidingWindowInferer``, the slice batches are made where the input lies, run on
+    ``sw_device`` and stitched on ``device``; with everything on one GPU the whole chain (stacking, resizing, network,
+    argmax, stitching) stays there, and memory beyond the input is the output plus one batch's work.
 
     Args:
         img_size: the network's square input size.
@@ -45,13 +50,16 @@ class SliceContextInferer(Inferer):
         context: ``"neighbors"`` (2.5D) or ``"repeat"`` (the slice three times).
         mode: ``"resize"`` or ``"sliding_window"``.
         overlap: sliding-window overlap.
-        device: where the network runs (default: the input's device).
-        sw_device: where the volume and the output live (default: the input's device).
-        amp: autocast the network to float16 on CUDA.
+        sw_device: where the slice batches go through the network (default: the input's device).
+        device: where the stitched output is kept and returned (default: the input's device).
+        amp: autocast the network on CUDA (a no-op on other devices).
+        amp_dtype: the autocast dtype: ``"auto"`` (bfloat16 where supported, else float16), ``"bfloat16"``,
+            ``"float16"`` (see :func:`ic_moe_monai.amp.resolve_amp_dtype`).
         slice_axis: spatial axis along which slices are taken (2 = the last, axial after RAS orientation).
-        progress: optional callable ``(done, total)`` called after each batch.
+        progress: default callable ``(done, total)`` called after each batch; a call's own ``progress`` wins.
         argmax: return the label of each voxel ``(B, 1, X, Y, Z)`` (uint8) instead of the logits; the argmax is
-            taken per batch of slices, so the volume's logits are never held at once (memory for large CT).
+            taken per batch of slices (upsampled in bounded chunks), so the volume's logits are never held at once.
+        chunk_bytes: with ``argmax``, full-resolution float32 logits are made for at most this many bytes at a time.
     """
 
     def __init__(
@@ -61,85 +69,127 @@ class SliceContextInferer(Inferer):
         context: str = "neighbors",
         mode: str = "resize",
         overlap: float = 0.25,
-        device: torch.device | str | None = None,
         sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
         amp: bool = False,
+        amp_dtype: str | torch.dtype = "auto",
         slice_axis: int = 2,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
         argmax: bool = False,
+        chunk_bytes: int = 2**28,
     ) -> None:
         super().__init__()
         if mode not in ("resize", "sliding_window"):
             raise ValueError(f"mode must be 'resize' or 'sliding_window', got {mode!r}.")
         if context not in ("neighbors", "repeat"):
             raise ValueError(f"context must be 'neighbors' or 'repeat', got {context!r}.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+        resolve_amp_dtype(amp_dtype)  # an unknown name fails here, not at the first CUDA call
         self.img_size = img_size
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.context = context
         self.mode = mode
         self.overlap = overlap
-        self.device = device
         self.sw_device = sw_device
+        self.device = device
         self.amp = amp
+        self.amp_dtype = amp_dtype
         self.slice_axis = slice_axis
         self.progress = progress
         self.argmax = argmax
+        self.chunk_bytes = chunk_bytes
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32, on ``sw_device``), or labels
-        ``(B, 1, X, Y, Z)`` (uint8) with ``argmax``."""
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., Any],
+        *args: Any,
+        progress: Progress | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32), or labels ``(B, 1, X, Y, Z)`` (uint8)
+        with ``argmax``, on ``device``.
+
+        Args:
+            inputs: the volumes, on any device.
+            network: the 2D network; ``args`` and ``kwargs`` are passed to it, as MONAI's inferers do.
+            progress: called with ``(slices done, slices in the volume)`` after each batch.
+        """
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"SliceContextInferer expects a (B, 1, X, Y, Z) volume, got {tuple(inputs.shape)}.")
         sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
         device = torch.device(self.device) if self.device is not None else inputs.device
         # plain tensors from here on: MetaTensor bookkeeping on every slice op costs time and is not needed
         volumes = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        volumes = volumes.to(sw_device).movedim(2 + self.slice_axis, -1)  # slices last
-        outputs = [self._volume(v[0], network, device, sw_device) for v in volumes]
-        return torch.stack(outputs, dim=0).movedim(-1, 2 + self.slice_axis)
+        volumes = volumes.movedim(2 + self.slice_axis, -1)  # slices last (a view)
+        report = progress if progress is not None else self.progress
+        run = _Run(network, args, kwargs, sw_device, device, report)
+        outputs = [self._volume(v[0], run) for v in volumes]
+        output = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs, dim=0)  # no copy for one volume
+        return output.movedim(-1, 2 + self.slice_axis)
 
-    def _volume(
-        self, volume: torch.Tensor, network: Callable, device: torch.device, sw_device: torch.device
-    ) -> torch.Tensor:
+    def _volume(self, volume: torch.Tensor, run: _Run) -> torch.Tensor:
         depth = volume.shape[-1]
         result: torch.Tensor | None = None
         for start in range(0, depth, self.batch_size):
             indices = torch.arange(start, min(start + self.batch_size, depth), device=volume.device)
-            stack = neighbor_stack(volume, indices, self.context).to(device=device, dtype=torch.float32)
-            logits = self._predict(stack, network)  # (b, K+1, X, Y)
-            if self.argmax:
-                logits = channel_argmax(logits)
-            logits = logits.to(sw_device, logits.dtype if self.argmax else torch.float32)
+            stack = neighbor_stack(volume, indices, self.context).to(run.sw_device, non_blocking=True)
+            out = self._predict(stack.float(), run)  # (b, K+1, X, Y) float32 logits, or (b, 1, X, Y) uint8 labels
+            out = out.to(run.device)  # blocking: a non-blocking copy to the host could be read before it lands
             if result is None:
-                result = torch.empty((logits.shape[1], *volume.shape), dtype=logits.dtype, device=sw_device)
-            result[..., start : start + len(indices)] = logits.permute(1, 2, 3, 0)
-            if self.progress is not None:
-                self.progress(start + len(indices), depth)
+                result = _slice_major(out.shape[1], volume.shape, out.dtype, run.device)
+            result[..., start : start + len(indices)] = out.permute(1, 2, 3, 0)
+            if run.progress is not None:
+                run.progress(start + len(indices), depth)
         return result
 
-    def _predict(self, stack: torch.Tensor, network: Callable) -> torch.Tensor:
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16) if self.amp and stack.device.type == "cuda" else nullcontext()
-        )
+    def _predict(self, stack: torch.Tensor, run: _Run) -> torch.Tensor:
+        """Logits ``(b, K+1, X, Y)`` of a slice batch at its own size, or labels ``(b, 1, X, Y)`` with ``argmax``."""
         size = (self.img_size, self.img_size)
-        with autocast:
+        with autocast(stack.device, self.amp, self.amp_dtype):
             if self.mode == "sliding_window":
                 logits = sliding_window_inference(
                     stack,
                     roi_size=size,
                     sw_batch_size=stack.shape[0],
-                    predictor=lambda x: _logits(network(x)),
+                    predictor=lambda x: _logits(run.network(x, *run.args, **run.kwargs)),
                     overlap=self.overlap,
                     mode="gaussian",
                 )
-            elif tuple(stack.shape[-2:]) == size:
-                logits = _logits(network(stack))
-            else:
-                resized = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
-                logits = F.interpolate(
-                    _logits(network(resized)).float(), size=stack.shape[-2:], mode="bilinear", align_corners=False
-                )
-        return logits
+                return channel_argmax(logits) if self.argmax else logits.float()
+            native = tuple(stack.shape[-2:])
+            if native != size:
+                stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
+            logits = _logits(run.network(stack, *run.args, **run.kwargs))
+        if native == size:
+            return channel_argmax(logits) if self.argmax else logits.float()
+        if not self.argmax:
+            return _resize(logits, native)
+        # full-resolution logits for a bounded number of slices at a time: batch size does not set the peak memory
+        per_slice = logits.shape[1] * native[0] * native[1] * 4
+        step = max(1, self.chunk_bytes // per_slice)
+        return torch.cat([channel_argmax(_resize(part, native)) for part in logits.split(step)])
+
+
+class _Run:
+    """What one inferer call needs below ``__call__``: the network, its extra arguments and the devices."""
+
+    def __init__(self, network: Callable, args: tuple, kwargs: dict, sw_device: torch.device, device: torch.device,
+                 progress: Progress | None) -> None:  # fmt: skip
+        self.network, self.args, self.kwargs, self.progress = network, args, kwargs, progress
+        self.sw_device, self.device = sw_device, device
+
+
+def _slice_major(channels: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty ``(channels, X, Y, Z)`` tensor whose slices are contiguous and x-fastest, as NIfTI stores them: each
+    batch is written as one block, and the labelmap is written to a file (or to the host) without a transpose."""
+    x, y, z = shape
+    return torch.empty((z, channels, y, x), dtype=dtype, device=device).permute(1, 3, 2, 0)
+
+
+def _resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def channel_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Batch segmentation of a folder of studies with the bundle: ``python -m ic_moe_monai segment INPUT OUTPUT``.
 
 Cases are found by :func:`ic_moe_monai.io.discover_cases` (image files and DICOM series, recursively). Each case
-is loaded (DICOM series through ITK, in the series' own geometry), preprocessed, segmented and inverted with the
-bundle's own ``preprocessing``, ``inferer`` and weights, and written in the input's geometry: a NIfTI labelmap and,
-on request, a DICOM SEG, label statistics and a preview image. The next case is loaded while the current one is
-segmented. Outputs are written under a temporary name and renamed, so an interrupted run never leaves a partial
-file; a rerun skips finished cases unless ``overwrite``. A bad case is reported and the run goes on.
+is loaded (DICOM series through ITK, in the series' own geometry; ITK is imported only for DICOM, NRRD and MHA),
+preprocessed, segmented and inverted by the bundle runtime (:class:`~ic_moe_monai.predictor.BundleSegmenter`: the
+bundle's own ``preprocessing``, ``inferer`` and weights, on the GPU when there is one), and written in the input's
+geometry: a NIfTI labelmap and, on request, a DICOM SEG, label statistics and a preview image. Reading and writing
+overlap with segmenting: the next case is loaded in a background thread, and the finished one is written by another.
+Outputs are written under a temporary name and renamed, so an interrupted run never leaves a partial file; a rerun
+skips finished cases unless ``overwrite``. A bad case is reported and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,24 +19,20 @@ import platform
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
-import itk
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
-from monai.data import ITKReader, MetaTensor
-from monai.transforms import Compose, Invertd, LoadImage
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from monai.data import MetaTensor
 
-from ic_moe_monai.inferers import SliceContextInferer
 from ic_moe_monai.io import Case, discover_cases
+from ic_moe_monai.io.saving import BackgroundWriter
 from ic_moe_monai.io.writers import (
     atomic_output,
     label_statistics,
@@ -45,6 +43,13 @@ from ic_moe_monai.io.writers import (
     write_preview,
     write_statistics,
 )
+from ic_moe_monai.predictor import BundleSegmenter, load_case
+
+try:  # progress bars are a convenience: without tqdm the run is the same, silent
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+except ImportError:  # pragma: no cover - tqdm is in requirements.txt
+    tqdm = None
 
 __all__ = ["FORMATS", "BundleSegmenter", "CaseResult", "SegmentReport", "load_case", "segment"]
 
@@ -87,107 +92,17 @@ class SegmentReport:
         return 1 if failed else 0
 
 
-class BundleSegmenter:
-    """The bundle's network, preprocessing (less its loader), inferer and checkpoint, ready for one case at a time.
-
-    Args:
-        bundle: the bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``).
-        configs: config files merged after ``inference.json`` (e.g. a profile).
-        device: where the network runs.
-        batch_size: slices per network call.
-    """
-
-    def __init__(self, bundle: str | Path, configs: Sequence[str], device: torch.device, batch_size: int) -> None:
-        bundle = Path(bundle)
-        parser = ConfigParser()
-        parser.read_config([str(bundle / "configs" / "inference.json"), *configs])
-        parser["bundle_root"] = str(bundle)
-        parser["device"] = f"$torch.device('{device}')"
-        parser["inference_batch_size"] = batch_size
-        self.device = device
-        metadata = _read_metadata(bundle)
-        self.label_names = _label_names(metadata, parser)
-        self.version = str(metadata.get("version", ""))
-        self.network = parser.get_parsed_content("network")
-        ckpt = Path(parser.get_parsed_content("ckpt_path"))
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"bundle {bundle}: no trained weights at {ckpt}.")
-        self.ckpt_path = ckpt
-        self.load_weights()
-        transforms = parser.get_parsed_content("preprocessing").transforms
-        self.preprocessing = Compose([t for t in transforms if type(t).__name__ != "LoadImaged"])
-        self.inferer = parser.get_parsed_content("inferer")
-        if isinstance(self.inferer, SliceContextInferer):
-            self.inferer.argmax = True  # labels per slice batch: the volume's logits are never held at once
-        self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
-
-    def load_weights(self) -> None:
-        """(Re)load the checkpoint into the network, e.g. after a training run replaced it."""
-        self.network.load_state_dict(torch.load(self.ckpt_path, map_location=self.device, weights_only=True))
-        self.network.eval()
-
-    def preprocess(self, image: MetaTensor) -> dict[str, Any]:
-        """The bundle's preprocessing of a loaded ``(X, Y, Z)`` image (a channel is added)."""
-        return self.preprocessing({"image": image})
-
-    def infer(self, data: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> MetaTensor:
-        """Labels ``(1, X, Y, Z)`` (uint8) of a preprocessed case, in the loaded image's geometry."""
-        if isinstance(self.inferer, SliceContextInferer):
-            self.inferer.progress = progress
-        with torch.inference_mode():
-            output = self.inferer(data["image"][None].to(self.device), self.network)
-        labels = output[0] if output.shape[1] == 1 else output[0].argmax(dim=0, keepdim=True)
-        data = dict(data)
-        data["pred"] = MetaTensor(
-            labels.to(torch.uint8).cpu(),
-            meta=dict(data["image"].meta),
-            applied_operations=list(data["image"].applied_operations),
-        )
-        return self.inverter(data)["pred"]
-
-    def __call__(self, image: MetaTensor) -> MetaTensor:
-        return self.infer(self.preprocess(image))
-
-
-def load_case(case: Case) -> MetaTensor:
-    """The case's image as a float32 MetaTensor ``(X, Y, Z)`` with its RAS affine, as ``LoadImage`` gives it.
-
-    Raises:
-        ValueError: naming the file, when it cannot be read or is not a finite 3D volume.
-    """
-    try:
-        if case.kind == "dicom":
-            image = itk.imread([str(f) for f in case.files])
-            array, meta = ITKReader().get_data(image)
-            meta["original_channel_dim"] = "no_channel"
-            meta["filename_or_obj"] = str(case.path)
-            tensor = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta=meta)
-        else:
-            tensor = LoadImage(image_only=True, dtype=np.float32)(str(case.path))
-    except Exception as err:  # readers raise many types for corrupt or truncated files
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{case.path}: cannot read the image ({detail[:200]})") from err
-    if tensor.ndim == 4 and tensor.shape[-1] == 1:  # a 3D volume stored with a singleton 4th axis
-        tensor = tensor[..., 0]
-    if tensor.ndim != 3 or min(tensor.shape) < 1:
-        raise ValueError(f"{case.path}: a {tensor.ndim}D image of shape {tuple(tensor.shape)}; a 3D volume is needed.")
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{case.path}: the image holds {bad} NaN or infinite voxel values.")
-    return tensor
-
-
 def segment(
     input: str,
     output: str,
-    bundle: str = "bundle",
+    bundle: str | Path | BundleSegmenter = "bundle",
     config: str | Sequence[str] | None = None,
     device: str = "auto",
     formats: str | Sequence[str] = "nifti",
     statistics: bool = False,
     preview: bool = False,
     overwrite: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 1,
     num_parts: int | None = None,
     part_id: int | None = None,
@@ -202,15 +117,19 @@ def segment(
     Args:
         input: a file, a DICOM series folder, or a folder tree.
         output: the output folder.
-        bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``).
+        bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``), or (from Python) a
+            :class:`~ic_moe_monai.predictor.BundleSegmenter` already built, reused as it is (then ``config`` and
+            ``batch_size`` must be left out and ``device`` be ``auto`` or the segmenter's).
         config: extra config files merged after ``inference.json``, comma-separated (e.g. a profile).
-        device: ``auto`` (CUDA if available; under torchrun the local rank's GPU), ``cpu`` or ``cuda:N``.
+        device: ``auto`` (CUDA if available; under torchrun the local rank's GPU), ``cpu`` or ``cuda:N``. On a GPU
+            the volume is preprocessed, segmented and inverted there; only the labelmap comes back.
         formats: comma-separated outputs: ``nifti`` and/or ``dicom_seg``.
         statistics: write per-label volume (mL) and mean intensity, JSON and CSV.
         preview: write a PNG with axial, coronal and sagittal overlays.
         overwrite: segment cases whose outputs exist (otherwise they are skipped, so a rerun resumes).
-        batch_size: slices per network call.
-        num_workers: cases loaded ahead in background threads while one is segmented (0: load in turn).
+        batch_size: slices per network call (default: the bundle's, larger on a GPU).
+        num_workers: cases loaded ahead in background threads while one is segmented (0: load in turn); on a GPU
+            each loaded case is already there, so GPU memory holds up to ``num_workers`` more volumes.
         num_parts: split the cases into this many parts (default: torchrun's WORLD_SIZE, else 1).
         part_id: the part this process segments, 0 ≤ part_id < num_parts (default: torchrun's RANK, else 0).
         quiet: no progress bars; log warnings only.
@@ -225,15 +144,19 @@ def segment(
     wanted = _parse_formats(formats)
     configs = _as_list(config)
     num_parts, part_id = _parse_parts(num_parts, part_id)
-    if int(batch_size) < 1 or int(num_workers) < 0:
+    if (batch_size is not None and int(batch_size) < 1) or int(num_workers) < 0:
         raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size} and {num_workers}.")
-    torch_device = _resolve_device(device)
+    if isinstance(bundle, BundleSegmenter):
+        torch_device = _reused_segmenter_device(bundle, configs, batch_size, device)
+    else:
+        torch_device = _resolve_device(device)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_partial_outputs(out_dir):
         logger.info("removed %s, left by an interrupted run", stale.name)
 
-    settings = {"bundle": str(bundle), "config": configs, "formats": wanted, "statistics": statistics,
+    bundle_name = str(bundle.bundle) if isinstance(bundle, BundleSegmenter) else str(bundle)
+    settings = {"bundle": bundle_name, "config": configs, "formats": wanted, "statistics": statistics,
                 "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
                 "num_parts": num_parts, "part_id": part_id}  # fmt: skip
     report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
@@ -257,7 +180,11 @@ def segment(
             todo.append((case, result))
         report.cases.append(result)
     if todo:
-        segmenter = BundleSegmenter(bundle, configs, torch_device, int(batch_size))
+        if isinstance(bundle, BundleSegmenter):
+            segmenter = bundle
+        else:
+            segmenter = BundleSegmenter(bundle, configs, torch_device, None if batch_size is None else int(batch_size))
+        settings["batch_size"] = segmenter.batch_size
         _run_cases(segmenter, todo, int(num_workers), quiet)
     _write_run_files(report, out_dir, num_parts, part_id, statistics, time.monotonic() - started)
     done = sum(c.status == "done" for c in report.cases)
@@ -268,9 +195,10 @@ def segment(
 
 
 def _run_cases(segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], num_workers: int, quiet: bool) -> None:
-    """Segment the cases in order while up to ``num_workers`` next cases load in background threads."""
-    progress_cases = tqdm(total=len(todo), desc="cases", unit="case", disable=quiet, position=0)
-    progress_slices = tqdm(desc="slices", unit="slice", disable=quiet, position=1, leave=False)
+    """Segment the cases in order while up to ``num_workers`` next cases load in background threads and the
+    finished ones are written by another."""
+    progress_cases = _progress_bar(quiet, total=len(todo), desc="cases", unit="case", position=0)
+    progress_slices = _progress_bar(quiet, desc="slices", unit="slice", position=1, leave=False)
 
     def on_batch(done: int, total: int) -> None:
         if progress_slices.total != total:
@@ -278,31 +206,64 @@ def _run_cases(segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], 
         progress_slices.n = done
         progress_slices.refresh()
 
-    with logging_redirect_tqdm() if not quiet else nullcontext(), _CaseLoader(segmenter, todo, num_workers) as loaded:
+    redirect = logging_redirect_tqdm() if tqdm is not None and not quiet else nullcontext()
+    # one case waits to be written at most: labelmaps (and the image, for statistics) do not pile up
+    with redirect, _CaseLoader(segmenter, todo, num_workers) as loaded, BackgroundWriter(max_pending=1) as writer:
         for (case, result), pending in zip(todo, loaded, strict=True):
             progress_cases.set_postfix_str(case.name)
             try:
                 image, data, result.seconds["load"] = pending.result()
                 result.slices = int(data["image"].shape[-1])
                 start = time.monotonic()
-                labels = segmenter.infer(data, progress=None if quiet else on_batch)
+                labels = segmenter.predict(data, progress=None if quiet else on_batch)
                 result.seconds["inference"] = round(time.monotonic() - start, 3)
                 del data
-                start = time.monotonic()
-                _write_outputs(case, result, image, labels, segmenter)
-                result.seconds["write"] = round(time.monotonic() - start, 3)
-                logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+                needs_image = "statistics_json" in result.outputs or "preview" in result.outputs
+                writer.submit(_finish_case, case, result, image if needs_image else None, labels, segmenter,
+                              progress_cases)  # fmt: skip
             except Exception as err:  # one bad case must not stop the batch
-                result.status = "failed"
-                result.error = _one_line(err)
-                for path in result.outputs.values():  # no half set of outputs: a rerun redoes the case
-                    Path(path).unlink(missing_ok=True)
-                result.outputs = {}
-                logger.warning("failed: %s", result.error)
-                logger.debug("%s", traceback.format_exc())
-            progress_cases.update(1)
+                _fail(result, err)
+                progress_cases.update(1)
     progress_slices.close()
     progress_cases.close()
+
+
+def _finish_case(
+    case: Case, result: CaseResult, image: MetaTensor | None, labels: MetaTensor, seg: BundleSegmenter, progress: Any
+) -> None:
+    """Write one case's outputs (in the writing thread) and record how it went."""
+    try:
+        start = time.monotonic()
+        _write_outputs(case, result, image, labels, seg)
+        result.seconds["write"] = round(time.monotonic() - start, 3)
+        logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    except Exception as err:  # one bad case must not stop the batch
+        _fail(result, err)
+    progress.update(1)
+
+
+def _fail(result: CaseResult, err: Exception) -> None:
+    result.status = "failed"
+    result.error = _one_line(err)
+    for path in result.outputs.values():  # no half set of outputs: a rerun redoes the case
+        Path(path).unlink(missing_ok=True)
+    result.outputs = {}
+    logger.warning("failed: %s", result.error)
+    logger.debug("%s", traceback.format_exc())
+
+
+class _NoBar:
+    """What the loop asks of a tqdm bar, doing nothing (``quiet``, or tqdm not installed)."""
+
+    total = None
+    n = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _progress_bar(quiet: bool, **kwargs: Any) -> Any:
+    return tqdm(**kwargs) if tqdm is not None and not quiet else _NoBar()
 
 
 class _CaseLoader:
@@ -363,9 +324,11 @@ def _output_paths(
     return {k: str(v) for k, v in paths.items()}
 
 
-def _write_outputs(case: Case, result: CaseResult, image: MetaTensor, labels: MetaTensor, seg: BundleSegmenter) -> None:
+def _write_outputs(
+    case: Case, result: CaseResult, image: MetaTensor | None, labels: MetaTensor, seg: BundleSegmenter
+) -> None:
     """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case."""
-    label_array = np.asarray(labels[0], dtype=np.uint8)
+    label_array = np.asarray(labels[0], dtype=np.uint8)  # keeps the labelmap's memory order (NIfTI's, x fastest)
     affine = np.asarray(labels.affine, dtype=np.float64)
     outputs = result.outputs
     with _writing("the DICOM SEG", case):
@@ -443,6 +406,17 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _reused_segmenter_device(
+    segmenter: BundleSegmenter, configs: list[str], batch_size: int | None, device: str
+) -> torch.device:
+    """The device of a segmenter passed in place of a bundle folder, after checking nothing asks to rebuild it."""
+    if configs or batch_size is not None:
+        raise ValueError("config and batch_size cannot change a BundleSegmenter that is already built.")
+    if device != "auto" and torch.device(device) != segmenter.device:
+        raise ValueError(f"device {device!r}: the BundleSegmenter given runs on {segmenter.device}.")
+    return segmenter.device
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -454,22 +428,13 @@ def _versions() -> dict[str, str]:
 
     import ic_moe_monai
 
-    return {"ic_moe_monai": ic_moe_monai.__version__, "python": platform.python_version(),
-            "torch": torch.__version__, "monai": monai.__version__, "itk": itk.Version.GetITKVersion()}  # fmt: skip
-
-
-def _label_names(metadata: dict[str, Any], parser: ConfigParser) -> dict[int, str]:
-    """Label value → name from the bundle's ``channel_def`` (metadata.json), else the config's ``label_names``."""
-    outputs = metadata.get("network_data_format", {}).get("outputs", {})
-    names = next(iter(outputs.values()), {}).get("channel_def")
-    if not names and "label_names" in parser:
-        names = parser.get_parsed_content("label_names")
-    return {int(k): str(v) for k, v in (names or {}).items()}
-
-
-def _read_metadata(bundle: Path) -> dict[str, Any]:
-    path = bundle / "configs" / "metadata.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    versions = {"ic_moe_monai": ic_moe_monai.__version__, "python": platform.python_version(),
+                "torch": torch.__version__, "monai": monai.__version__}  # fmt: skip
+    try:  # without importing ITK: it is needed only for DICOM series, NRRD and MHA
+        versions["itk"] = package_metadata.version("itk")
+    except package_metadata.PackageNotFoundError:
+        versions["itk"] = "not installed"
+    return versions
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:

@@ -1,7 +1,8 @@
 """Transforms of the IC-MoE data pipeline that MONAI does not already provide.
 
 - :class:`IntensityPresetd`: one switch for the modality's intensity normalisation to [0, 1]
-  (CT: a window level/width; MR: robust percentiles), built from MONAI's own intensity transforms.
+  (CT: a window level/width; MR: robust percentiles), with MONAI's ``ScaleIntensityRange`` arithmetic on any device.
+- :func:`percentile`: percentiles of a whole volume on its own device, bounded in time and memory for large ones.
 - :class:`SliceNeighborsd`: a ``(C, X, Y, 3)`` crop of three consecutive axial slices (as
   ``RandCropByPosNegLabeld(spatial_size=(-1, -1, 3))`` samples them) → the 2.5D network input ``(3, X, Y)``
   and the middle slice's label ``(1, X, Y)``.
@@ -9,13 +10,18 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+from monai.data import MetaTensor, get_track_meta
+from monai.transforms import MapTransform
+from monai.utils import convert_to_tensor
 
-__all__ = ["CT_WINDOWS", "IntensityPresetd", "SliceNeighborsd"]
+__all__ = ["CT_WINDOWS", "IntensityPresetd", "SliceNeighborsd", "percentile"]
 
 # Common CT windows (level, width) in HU.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -28,14 +34,71 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+def percentile(x: torch.Tensor, q: Sequence[float], max_samples: int = 2**23) -> torch.Tensor:
+    """The percentiles ``q`` (0–100) of all values of ``x``, interpolated linearly as ``numpy.percentile`` does,
+    as a float32 tensor on ``x``'s device.
+
+    Up to ``max_samples`` values the result is exact and equals MONAI's ``percentile`` (``torch.quantile`` up to
+    1M values, NumPy's partition above, on the CPU). A larger volume is subsampled with a stride coprime to each of
+    its dimensions, so that every slice, row and column contributes: at 2²³ samples the estimate's rank error is
+    about 3e-5, far below what a [0, 1] normalisation can show. Why not MONAI's: above 1M values it copies the
+    tensor to NumPy, which takes a CUDA volume to the host; ``torch.quantile`` refuses more than 16M values on
+    some versions and sorts all of them; and both cost seconds on a 512 × 512 × 300 volume. The values are read in
+    memory order, so a Fortran-ordered volume (as NIfTI stores it) is not copied first.
+    """
+    flat, sizes = _memory_order_values(x)
+    if flat.numel() > max_samples:
+        step = -(-flat.numel() // max_samples)
+        while any(math.gcd(step, s) != 1 for s in sizes if s > 1):
+            step += 1
+        flat = flat[::step]
+    flat = flat.float()  # torch.quantile needs floats; int16 CT / MR values are exact in float32
+    if flat.device.type == "cpu" and flat.numel() > 1_000_000:  # NumPy's O(n) partition beats a full sort
+        values = np.percentile(flat.numpy(), np.asarray(q, dtype=np.float64))
+        return torch.as_tensor(values, dtype=torch.float32)
+    return torch.quantile(flat, torch.as_tensor(q, dtype=torch.float32, device=flat.device) / 100.0)
+
+
+def _memory_order_values(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All values of ``x`` as a 1-D view in memory order (a copy only when ``x`` is not dense), and the sizes of its
+    dimensions in that order."""
+    x = x.as_tensor() if isinstance(x, MetaTensor) else x
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+    in_memory_order = x.permute(order)
+    sizes = list(in_memory_order.shape)
+    if in_memory_order.is_contiguous():
+        return in_memory_order.view(-1), sizes
+    return in_memory_order.reshape(-1), sizes
+
+
+def _scale_to_unit(image: torch.Tensor, a_min: torch.Tensor | float, a_max: torch.Tensor | float) -> torch.Tensor:
+    """MONAI's ``ScaleIntensityRange(a_min, a_max, 0, 1, clip=True)``, same arithmetic and result, on one float32
+    copy of ``image`` with its memory layout kept: MONAI's makes the tensor C-contiguous (a transposing copy of a
+    NIfTI volume, about a second for 512 × 512 × 300 on a CPU) and allocates a new tensor per operation."""
+    out = image.to(torch.float32, copy=True)  # keeps the strides (and the meta of a MetaTensor)
+    values = out.as_tensor() if isinstance(out, MetaTensor) else out  # in-place arithmetic without meta overhead
+    width = a_max - a_min
+    if bool(width == 0):
+        warnings.warn("Divide by zero (a_min == a_max)", Warning, stacklevel=3)
+        values.sub_(a_min)
+        return out
+    values.sub_(a_min).div_(width).clamp_(0.0, 1.0)
+    return out
+
+
 class IntensityPresetd(MapTransform):
     """Normalise image intensities to [0, 1] by modality.
+
+    The result equals MONAI's ``ScaleIntensityRanged`` (CT) and ``ScaleIntensityRangePercentilesd`` (MR) with
+    ``b_min=0, b_max=1, clip=True`` (float32), computed on the image's own device without leaving it, and with
+    its memory layout kept (see :func:`percentile` for volumes beyond ``max_samples`` voxels).
 
     Args:
         keys: image keys.
         modality: ``"ct"`` (window) or ``"mr"`` (percentiles; also for any non-quantitative modality).
         window: CT ``(level, width)`` in HU, or the name of one of :data:`CT_WINDOWS`.
         percentiles: MR lower and upper percentiles mapped to 0 and 1.
+        max_samples: MR percentiles are exact up to this many voxels, estimated from a subsample beyond.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -45,38 +108,35 @@ class IntensityPresetd(MapTransform):
         modality: str = "mr",
         window: Sequence[float] | str = "abdomen",
         percentiles: Sequence[float] = (0.5, 99.5),
+        max_samples: int = 2**23,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         modality = modality.lower()
         if modality == "ct":
             level, width = CT_WINDOWS[window] if isinstance(window, str) else window
-            self.scaler = ScaleIntensityRanged(
-                keys,
-                a_min=level - width / 2,
-                a_max=level + width / 2,
-                b_min=0.0,
-                b_max=1.0,
-                clip=True,
-                allow_missing_keys=allow_missing_keys,
-            )
+            self.window = (level - width / 2, level + width / 2)
         elif modality in ("mr", "mri"):
-            lower, upper = percentiles
-            self.scaler = ScaleIntensityRangePercentilesd(
-                keys,
-                lower=lower,
-                upper=upper,
-                b_min=0.0,
-                b_max=1.0,
-                clip=True,
-                allow_missing_keys=allow_missing_keys,
-            )
+            self.percentiles = tuple(float(p) for p in percentiles)
         else:
             raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}.")
-        self.modality = modality
+        self.modality = "ct" if modality == "ct" else "mr"
+        self.max_samples = max_samples
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        return self.scaler(data)
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, torch.Tensor):
+                image = convert_to_tensor(image, track_meta=get_track_meta())
+            elif get_track_meta() and not isinstance(image, MetaTensor):
+                image = MetaTensor(image)
+            if self.modality == "ct":
+                d[key] = _scale_to_unit(image, *self.window)
+            else:
+                lower, upper = percentile(image, self.percentiles, self.max_samples).to(image.device)
+                d[key] = _scale_to_unit(image, lower, upper)
+        return d
 
 
 class SliceNeighborsd(MapTransform):

@@ -254,3 +254,55 @@ def test_shipped_model_on_a_mixed_folder(tmp_path, mixed_input):
     assert 0.5 < stats["anterior"]["volume_ml"] < 5 and 0.5 < stats["posterior"]["volume_ml"] < 5
     sagittal = next(c for c in report.cases if c.name.startswith("sagittal"))
     assert sagittal.outputs["dicom_seg"].endswith("_seg.dcm") and os.path.getsize(sagittal.outputs["dicom_seg"])
+
+
+NO_ITK = "import sys; sys.modules['itk'] = None; "  # `import itk` raises ImportError from here on
+
+
+def test_nifti_input_needs_no_itk(tmp_path, threshold_config):
+    """ITK is imported only for DICOM series, NRRD and MHA: a NIfTI is segmented where `import itk` fails."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    data = _volume(studies / "case.nii.gz")
+    code = NO_ITK + (
+        "from ic_moe_monai.segment import segment; "
+        f"report = segment({str(studies)!r}, {str(tmp_path / 'out')!r}, bundle={str(BUNDLE)!r}, "
+        f"config={threshold_config!r}, quiet=True); "
+        "assert sys.modules['itk'] is None; print('EXIT', report.exit_code, report.versions['itk'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EXIT 0" in result.stdout
+    out = nib.load(tmp_path / "out" / "case.nii.gz")
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected_threshold_labels(data))
+
+
+def test_reused_segmenter_and_a_failed_write(tmp_path, threshold_config, monkeypatch):
+    """A BundleSegmenter built once serves several calls; a case whose writing fails is reported, the rest done."""
+    from ic_moe_monai import segment as segment_module
+    from ic_moe_monai.predictor import BundleSegmenter
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for i in range(3):
+        _volume(studies / f"case{i}.nii.gz", seed=i, shape=(SIZE, SIZE, 5))
+    predictor = BundleSegmenter(BUNDLE, [threshold_config])
+    real_write = segment_module.write_nifti_labels
+
+    def write_or_fail(labels, affine, path):
+        if Path(path).name == "case1.nii.gz":
+            raise OSError("no space left on device")
+        real_write(labels, affine, path)
+
+    monkeypatch.setattr(segment_module, "write_nifti_labels", write_or_fail)
+    report = segment(str(studies), str(tmp_path / "out"), bundle=predictor, statistics=True, quiet=True)
+    status = {c.name: c for c in report.cases}
+    assert [status[f"case{i}"].status for i in range(3)] == ["done", "failed", "done"]
+    assert "no space left on device" in status["case1"].error and status["case1"].outputs == {}
+    assert not list((tmp_path / "out").glob("case1*"))  # its statistics were removed with it
+    assert report.settings["batch_size"] == predictor.batch_size and report.exit_code == 1
+    monkeypatch.setattr(segment_module, "write_nifti_labels", real_write)
+    again = segment(str(studies), str(tmp_path / "out"), bundle=predictor, quiet=True)
+    assert [c.status for c in again.cases] == ["skipped (exists)", "done", "skipped (exists)"]
+    with pytest.raises(ValueError, match="cannot change"):
+        segment(str(studies), str(tmp_path / "out2"), bundle=predictor, batch_size=4, quiet=True)

@@ -30,7 +30,7 @@ from scipy.ndimage import distance_transform_edt
 from ic_moe_monai.inferers import channel_argmax
 from ic_moe_monai.io import Case
 from ic_moe_monai.io.guards import ImageError, check_image_file
-from ic_moe_monai.segment import BundleSegmenter, load_case
+from ic_moe_monai.predictor import BundleSegmenter, load_case
 
 __all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_clicks"]
 
@@ -220,7 +220,6 @@ class InteractiveSegmenter:
             embeddings.append(embedding)
             return self.network.predict_from_embedding(embedding, net_input)
 
-        self.inferer.progress = None
         labels = self.inferer(data["image"][None].to(self.segmenter.device), recording_network)  # (1, 1, X, Y, Z)
         return _CachedImage(data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
                             original_shape=tuple(image.shape), inputs=torch.cat(inputs),
