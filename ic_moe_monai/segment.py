@@ -72,14 +72,15 @@ try:  # progress bars are a convenience: without tqdm the run is the same, silen
 except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
 
-__all__ = ["FORMATS", "SKIPPED_BUSY", "SKIPPED_EXISTS", "BundleSegmenter", "CaseResult", "SegmentReport",
-           "UsageError", "load_case", "segment"]  # fmt: skip
+__all__ = ["FORMATS", "SKIPPED_BUSY", "SKIPPED_EXISTS", "SKIPPED_NOTHING", "BundleSegmenter", "CaseResult",
+           "SegmentReport", "UsageError", "load_case", "segment"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "dicom_seg")
 SKIPPED_EXISTS = "skipped (exists)"
 SKIPPED_BUSY = "skipped (another run is writing it)"
+SKIPPED_NOTHING = "skipped (nothing to write)"  # e.g. only a DICOM SEG asked for, of a NIfTI input
 CASE_LOCK = ".case~{}.lock"  # hidden, so discovery never takes it for an input
 REPORT_LOCK = ".{}.lock"  # of the report's name: held by the run that writes it
 
@@ -94,7 +95,7 @@ class CaseResult:
 
     name: str
     source: str
-    status: str  # "done", "failed", SKIPPED_EXISTS or SKIPPED_BUSY
+    status: str  # "done", "failed", SKIPPED_EXISTS, SKIPPED_BUSY or SKIPPED_NOTHING
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
     slices: int = 0
@@ -260,7 +261,9 @@ def _plan(
     for case in cases:
         result = CaseResult(name=case.name, source=str(case.path), status="done")
         result.outputs = _output_paths(out_dir, case, formats, statistics, preview, result.notes)
-        if not overwrite and _finished(result):
+        if not result.outputs:
+            result.status = SKIPPED_NOTHING
+        elif not overwrite and _finished(result):
             result.status = SKIPPED_EXISTS
         else:
             todo.append((case, result))
@@ -410,7 +413,7 @@ def _lock_name(case_name: str) -> str:
 
 
 def _finished(result: CaseResult) -> bool:
-    return all(Path(p).exists() for p in result.outputs.values())
+    return all(Path(p).is_file() for p in result.outputs.values())  # a folder in an output's place is no output
 
 
 class _NoBar:

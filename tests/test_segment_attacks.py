@@ -24,7 +24,7 @@ from ic_moe_monai import segment as segment_module
 from ic_moe_monai.cli import main
 from ic_moe_monai.io import writers
 from ic_moe_monai.predictor import BundleSegmenter
-from ic_moe_monai.segment import SKIPPED_BUSY, SKIPPED_EXISTS, UsageError, segment
+from ic_moe_monai.segment import SKIPPED_BUSY, SKIPPED_EXISTS, SKIPPED_NOTHING, UsageError, segment
 
 from .conftest import REPO_ROOT
 from .helpers import BUNDLE, expected_threshold_labels, threshold_bundle_config, write_dicom_series
@@ -199,6 +199,9 @@ def test_a_failing_dicom_seg_is_a_note_and_segments_carry_the_bundle_codes(tmp_p
     assert set(case.outputs) == {"nifti", "statistics_json", "statistics_csv"}
     assert all(Path(p).is_file() for p in case.outputs.values())
     assert not list(out.glob("*_seg.dcm"))  # the earlier run's SEG does not stay beside the new labelmap
+    _volume(tmp_path / "nifti" / "case.nii.gz")
+    (nothing,) = _run(tmp_path / "nifti", tmp_path / "seg_only", threshold_config, formats="dicom_seg").cases
+    assert nothing.status == SKIPPED_NOTHING and nothing.notes == ["no DICOM SEG: the input is not a DICOM series"]
 
 
 # ------------------------------------------------------------------------------------ 5. the output side
