@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from collections.abc import Sequence
 
@@ -50,17 +51,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _unknown_options(argv: list[str]) -> str | None:
-    """The first ``--option`` of the ``segment`` command that is not one of its parameters."""
+    """The first option of the ``segment`` command that is none of its parameters (``--name``, ``--noname`` for
+    flags, ``-n`` where one parameter starts with n, as fire reads them)."""
     if not argv or argv[0] != "segment":
         return None
     names = set(inspect.signature(segment).parameters)
     for arg in argv[1:]:
         if arg == "--":  # fire's own flags follow
             break
-        if not arg.startswith("--") or arg in ("--help",):
+        if not arg.startswith("-") or re.fullmatch(r"-[0-9.]+", arg):  # values, negative numbers included
             continue
-        name = arg[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and not (name.startswith("no") and name[2:] in names):
+        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        short = len(name) == 1 and sum(n.startswith(name) for n in names) == 1
+        if name not in {*names, "h", "help"} and not short and not (name.startswith("no") and name[2:] in names):
             return arg.split("=", 1)[0]
     return None
 

@@ -156,8 +156,8 @@ def segment(
         input: a file, a DICOM series folder, or a folder tree.
         output: the output folder (created if needed).
         bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``), or (from Python) a
-            :class:`~ic_moe_monai.predictor.BundleSegmenter` already built, reused as it is (then ``config`` and
-            ``batch_size`` must be left out and ``device`` be ``auto`` or the segmenter's).
+            ``BundleSegmenter`` already built, reused as it is (then ``config`` and ``batch_size`` must be left out
+            and ``device`` be ``auto`` or the segmenter's).
         config: extra config files merged after ``inference.json``, comma-separated (e.g. a profile).
         device: ``auto`` (CUDA if available; under torchrun the local rank's GPU), ``cpu`` or ``cuda:N``. On a GPU
             the volume is preprocessed, segmented and inverted there; only the labelmap comes back.
@@ -170,9 +170,9 @@ def segment(
             each loaded case is already there, so GPU memory holds up to ``num_workers`` more volumes.
         num_parts: split the cases into this many parts (default: torchrun's WORLD_SIZE, else 1).
         part_id: the part this process segments, 0 ≤ part_id < num_parts (default: torchrun's RANK, else 0).
-        max_image_size: the largest volume accepted, as float32 bytes or with a unit (``4G``, ``512M``); larger
-            images are refused from their header, before any voxel is read. Default: $IC_MOE_MAX_IMAGE_BYTES, else
-            1/8 of the memory, at most 4 GiB.
+        max_image_size: the largest image accepted, as float32 bytes or with a unit (``4G``, ``512M``); a larger
+            one is refused from its header, before any voxel is read (default ``$IC_MOE_MAX_IMAGE_BYTES``, else
+            1/8 of the memory, at most 4 GiB).
         quiet: no progress bars; log warnings only.
 
     Raises:

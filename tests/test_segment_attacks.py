@@ -364,6 +364,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, threshold_config):
         ("--max_image_size", "lots"): "max_image_size: a size in bytes",
         ("--statistics=maybe",): "statistics is an on/off option",
         ("--colour", "red"): "unknown option --colour",
+        ("-z",): "unknown option -z",
     }
     for options, message in cases.items():
         code, err = _cli(capsys, studies, out, "--quiet", *options)
