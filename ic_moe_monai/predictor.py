@@ -9,11 +9,15 @@ only the uint8 labelmap comes back to the host.
 
 from __future__ import annotations
 
+import errno
 import json
+import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
@@ -26,10 +30,17 @@ from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case
 from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
+from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
 
-__all__ = ["BundleSegmenter", "label_names", "load_case", "one_case_collate", "read_metadata"]
+__all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",
+           "read_metadata"]  # fmt: skip
 
 Progress = Callable[[int, int], None]
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used, in one line naming it: no ``configs/inference.json``, configs that cannot be
+    read or built into a network, or weights that are missing, unreadable or do not fit the network."""
 
 
 class BundleSegmenter:
@@ -49,7 +60,8 @@ class BundleSegmenter:
         amp_dtype: ``"auto"``, ``"bfloat16"`` or ``"float16"`` (default: the bundle's ``amp_dtype``).
 
     Raises:
-        FileNotFoundError: when the bundle has no trained weights at its ``ckpt_path``.
+        BundleError: the bundle or a config is missing or cannot be read, a part cannot be built (e.g. the network
+            on an unsupported device), or the weights at its ``ckpt_path`` are missing, unreadable or do not fit.
     """
 
     def __init__(
@@ -64,8 +76,7 @@ class BundleSegmenter:
         bundle = Path(bundle)
         self.bundle = bundle
         self.device = torch.device(device)
-        parser = ConfigParser()
-        parser.read_config([str(bundle / "configs" / "inference.json"), *configs])
+        parser = _read_configs(bundle, configs)
         parser["bundle_root"] = str(bundle)
         parser["device"] = f"$torch.device('{self.device}')"
         if batch_size is not None:
@@ -77,23 +88,42 @@ class BundleSegmenter:
         if str(parser.get("inferer", {}).get("_target_", "")).endswith("SliceContextInferer"):
             parser["inferer#argmax"] = True  # labels per slice batch: the volume's logits are never held at once
         metadata = read_metadata(bundle)
-        self.label_names = label_names(metadata, parser.get_parsed_content("label_names") if "label_names" in parser
-                                       else None)  # fmt: skip
+        fallback = _parsed(bundle, parser, "label_names") if "label_names" in parser else None
+        self.label_names = label_names(metadata, fallback)
+        try:
+            self.segment_codes: dict[int, dict[str, SegmentCode]] = read_segment_codes(metadata)
+        except ValueError as err:
+            raise BundleError(f"bundle {bundle}: configs/metadata.json: {err}") from err
         self.version = str(metadata.get("version", ""))
-        self.network = parser.get_parsed_content("network")
-        self.ckpt_path = Path(parser.get_parsed_content("ckpt_path"))
-        if not self.ckpt_path.is_file():
-            raise FileNotFoundError(f"bundle {bundle}: no trained weights at {self.ckpt_path}.")
+        self.network = _parsed(bundle, parser, "network")
+        self.ckpt_path = Path(_parsed(bundle, parser, "ckpt_path"))
         self.load_weights()
-        transforms = parser.get_parsed_content("preprocessing").transforms
+        transforms = _parsed(bundle, parser, "preprocessing").transforms
         self.preprocessing = Compose([t for t in transforms if not isinstance(t, LoadImaged)])
-        self.inferer = parser.get_parsed_content("inferer")
+        self.inferer = _parsed(bundle, parser, "inferer")
         self.batch_size: int | None = getattr(self.inferer, "batch_size", None)
         self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
 
     def load_weights(self) -> None:
-        """(Re)load the checkpoint into the network, e.g. after a training run replaced it."""
-        self.network.load_state_dict(torch.load(self.ckpt_path, map_location=self.device, weights_only=True))
+        """(Re)load the checkpoint into the network, e.g. after a training run replaced it.
+
+        Raises:
+            BundleError: the checkpoint is missing, is not a readable weights-only PyTorch checkpoint, or does not
+                fit the network.
+        """
+        where = f"bundle {self.bundle}: {_shown(self.ckpt_path, self.bundle)}"
+        if not self.ckpt_path.is_file():
+            raise BundleError(f"{where}: no trained weights there (no such file).")
+        try:
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        except Exception as err:  # torch.load raises many types for files that are not checkpoints
+            raise BundleError(f"{where} is not a readable checkpoint ({_checkpoint_problem(err)}).") from err
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BundleError(f"{where} is not a state dict of tensors (it holds a {type(state).__name__}).")
+        mismatch = _state_dict_mismatch(self.network, state)
+        if mismatch:
+            raise BundleError(f"{where} does not fit the network ({mismatch}).")
+        self.network.load_state_dict(state)
         self.network.eval()
 
     def preprocess(self, image: MetaTensor) -> dict[str, Any]:
@@ -127,9 +157,21 @@ class BundleSegmenter:
 
 
 def read_metadata(bundle: str | Path) -> dict[str, Any]:
-    """The bundle's ``configs/metadata.json`` (empty when absent)."""
+    """The bundle's ``configs/metadata.json`` (empty when absent).
+
+    Raises:
+        BundleError: the file is not a JSON object.
+    """
     path = Path(bundle) / "configs" / "metadata.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"bundle {bundle}: configs/metadata.json cannot be read ({_first_line(err)}).") from err
+    if not isinstance(metadata, dict):
+        raise BundleError(f"bundle {bundle}: configs/metadata.json is not a JSON object.")
+    return metadata
 
 
 def label_names(metadata: Mapping[str, Any], fallback: Mapping[Any, str] | None = None) -> dict[int, str]:
@@ -152,19 +194,44 @@ def load_case(case: Case, max_bytes: int | str | None = None) -> MetaTensor:
         max_bytes: size limit of the volume as float32 (see :func:`~ic_moe_monai.io.guards.max_image_bytes`).
 
     Raises:
-        ValueError: naming the file, when it is too large, cannot be read, or is not a finite 3D volume.
+        ValueError: naming the file, when it is too large, cannot be read, is not a finite 3D volume, or its affine
+            is singular (:class:`~ic_moe_monai.io.guards.ImageError` for what the guards and readers refuse).
     """
     try:
         if case.kind == "dicom":
             tensor = read_dicom_series(case.files, max_bytes)
             tensor.meta["filename_or_obj"] = str(case.path)
-            return tensor
-        return read_image_file(case.path, max_bytes, dtype=None)
+        else:
+            tensor = read_image_file(case.path, max_bytes, dtype=None)
     except ImageError:
         raise
     except Exception as err:  # readers raise many types for corrupt or truncated files
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ValueError(f"{case.path}: cannot read the image ({detail[:200]})") from err
+    check_affine(tensor.affine, case.path)
+    return tensor
+
+
+def check_affine(affine: Any, where: object) -> None:
+    """Refuse a voxel-to-world matrix that cannot be inverted: orienting, resampling and writing the labelmap back
+    all need its inverse.
+
+    Raises:
+        ImageError: naming ``where`` and what is wrong (non-finite values, an axis of zero length, parallel axes).
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    lengths = np.linalg.norm(matrix, axis=0) if np.isfinite(matrix).all() else None
+    if lengths is None:
+        problem = "it holds NaN or infinite values"
+    elif (lengths < 1e-9).any():
+        problem = f"voxel axis {int(np.argmin(lengths))} has zero length (zero spacing)"
+    elif abs(np.linalg.det(matrix)) < 1e-6 * float(np.prod(lengths)):
+        problem = "its voxel axes are (nearly) parallel"
+    else:
+        return
+    rows = " / ".join(" ".join(f"{v:.4g}" for v in row) for row in matrix)
+    raise ImageError(f"{where}: singular/degenerate affine ({problem}; voxel-to-world matrix {rows}); the image "
+                     "has no usable geometry.")  # fmt: skip
 
 
 def one_case_collate(batch: Sequence[Any]) -> Any:
@@ -193,3 +260,82 @@ def _meta_tensor_view(batch: Sequence[MetaTensor], *, collate_fn_map: dict | Non
     if hasattr(item, "spatial_ndim"):
         collated.spatial_ndim = min(item.spatial_ndim, max(collated.ndim - 1, 1))
     return collated
+
+
+# ------------------------------------------------------------------------------------------------ bundle errors
+def _read_configs(bundle: Path, configs: Sequence[str]) -> ConfigParser:
+    """The bundle's ``inference.json`` and the extra configs, merged."""
+    files = [bundle / "configs" / "inference.json", *map(Path, configs)]
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {bundle}: no such folder.")
+    for path in files:
+        if not path.is_file():
+            what = f"bundle {bundle}: no configs/inference.json" if path == files[0] else f"config {path}: no such file"
+            raise BundleError(f"{what}.")
+    parser = ConfigParser()
+    try:
+        parser.read_config([str(f) for f in files])
+    except Exception as err:  # JSON / YAML syntax errors, unreadable files
+        raise BundleError(f"bundle {bundle}: cannot read its configs ({_first_line(err)}).") from err
+    return parser
+
+
+def _parsed(bundle: Path, parser: ConfigParser, key: str) -> Any:
+    """``parser.get_parsed_content(key)``, failing with the innermost reason in one line."""
+    try:
+        return parser.get_parsed_content(key)
+    except Exception as err:  # MONAI wraps the cause in "Failed to evaluate ..." errors
+        raise BundleError(f"bundle {bundle}: cannot build '{key}' from its configs ({_innermost(err)}).") from err
+
+
+def _shown(path: Path, bundle: Path) -> str:
+    """``path`` relative to the bundle when it lies inside it (``models/model.pt``)."""
+    try:
+        return str(path.resolve().relative_to(bundle.resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def _checkpoint_problem(err: BaseException) -> str:
+    """Why ``torch.load`` refused a file, in a few words."""
+    text = str(err)
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(err, pickle.UnpicklingError):
+        match = re.search(r"WeightsUnpickler error:\s*([^\n]+(?:\n(?!\n)[^\n]+)*)", text)
+        detail = " ".join(match.group(1).split()) if match else _first_line(err)
+        return f"not a weights-only PyTorch checkpoint: {detail[:160]}"
+    if "PytorchStreamReader" in text:  # a torch zip archive, cut short or damaged
+        return f"damaged or truncated archive: {text.split('. ')[0][:160]}"
+    if isinstance(err, OSError) and err.errno == errno.EINVAL:  # a zip archive cut short: seeks past its end
+        return "damaged or truncated archive"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _state_dict_mismatch(network: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``network`` strictly: missing, unexpected and mis-shaped keys."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            parts.append(f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''}, e.g. {keys[0]}")
+    return "; ".join(parts)
+
+
+def _innermost(err: BaseException) -> str:
+    """The deepest cause of a chain of wrapped errors, as ``Type: first line``."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__

@@ -1,27 +1,43 @@
 """Batch segmentation of a folder of studies with the bundle: ``python -m ic_moe_monai segment INPUT OUTPUT``.
 
 Cases are found by :func:`ic_moe_monai.io.discover_cases` (image files and DICOM series, recursively). Each case
-is loaded (DICOM series through ITK, in the series' own geometry; ITK is imported only for DICOM, NRRD and MHA),
-preprocessed, segmented and inverted by the bundle runtime (:class:`~ic_moe_monai.predictor.BundleSegmenter`: the
-bundle's own ``preprocessing``, ``inferer`` and weights, on the GPU when there is one), and written in the input's
-geometry: a NIfTI labelmap and, on request, a DICOM SEG, label statistics and a preview image. Reading and writing
-overlap with segmenting: the next case is loaded in a background thread, and the finished one is written by another.
-Outputs are written under a temporary name and renamed, so an interrupted run never leaves a partial file; a rerun
-skips finished cases unless ``overwrite``. A bad case is reported and the run goes on.
+is loaded after its header passed the size and shape guard (DICOM series by pydicom, in ITK's geometry; ITK is
+imported only for NRRD and MHA), preprocessed, segmented and inverted by the bundle runtime
+(:class:`~ic_moe_monai.predictor.BundleSegmenter`: the bundle's own ``preprocessing``, ``inferer`` and weights, on
+the GPU when there is one), and written in the input's geometry: a NIfTI labelmap and, on request, a DICOM SEG,
+label statistics and a preview image. Reading and writing overlap with segmenting: the next case is loaded in a
+background thread, and the finished one is written by another.
+
+What protects the data:
+
+- Before the model is loaded, the run is refused (:class:`UsageError`, exit code 2) when an option is wrong, the
+  output folder cannot be created or written, the output folder is the input folder, or an output would replace
+  an input file (same file, also through symbolic or hard links).
+- Outputs are written under a temporary name carrying the run id and renamed, so an interrupted run never leaves a
+  partial file; start-up removes only leftovers of runs that are no longer alive on this host.
+- Each case is locked while a run loads, segments and writes it: a concurrent run (or another part) skips it as
+  ``skipped (another run is writing it)``. A rerun skips finished cases unless ``overwrite``. The run that holds
+  the output folder's report lock writes ``report.json``; a run started while another one is writing into the same
+  folder writes ``report_<run id>.json`` instead, so no report replaces another.
+- A bad case is reported in one line naming the file and the problem, its outputs are removed, and the run goes on;
+  an output that cannot be written fails its case only, and a report that cannot be written is said on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -31,12 +47,17 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from ic_moe_monai.io import Case, discover_cases
+from ic_moe_monai.io import Case, Skipped, discover_cases
+from ic_moe_monai.io.guards import MAX_BYTES_ENV, ImageError, max_image_bytes
 from ic_moe_monai.io.saving import BackgroundWriter
 from ic_moe_monai.io.writers import (
+    NAME_MAX,
+    PARTIAL_MARK,
     atomic_output,
+    exclusive_lock,
     label_statistics,
     remove_partial_outputs,
+    run_id,
     statistics_csv,
     write_dicom_seg,
     write_nifti_labels,
@@ -51,11 +72,21 @@ try:  # progress bars are a convenience: without tqdm the run is the same, silen
 except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
 
-__all__ = ["FORMATS", "BundleSegmenter", "CaseResult", "SegmentReport", "load_case", "segment"]
+__all__ = ["FORMATS", "SKIPPED_BUSY", "SKIPPED_EXISTS", "SKIPPED_NOTHING", "BundleSegmenter", "CaseResult",
+           "SegmentReport", "UsageError", "load_case", "segment"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "dicom_seg")
+SKIPPED_EXISTS = "skipped (exists)"
+SKIPPED_BUSY = "skipped (another run is writing it)"
+SKIPPED_NOTHING = "skipped (nothing to write)"  # e.g. only a DICOM SEG asked for, of a NIfTI input
+CASE_LOCK = ".case~{}.lock"  # hidden, so discovery never takes it for an input
+REPORT_LOCK = ".{}.lock"  # of the report's name: held by the run that writes it
+
+
+class UsageError(ValueError):
+    """A wrong option, or an output folder that cannot be used, found before any case is segmented (exit code 2)."""
 
 
 @dataclass
@@ -64,7 +95,7 @@ class CaseResult:
 
     name: str
     source: str
-    status: str  # "done", "skipped (exists)" or "failed"
+    status: str  # "done", "failed", SKIPPED_EXISTS, SKIPPED_BUSY or SKIPPED_NOTHING
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
     slices: int = 0
@@ -81,15 +112,19 @@ class SegmentReport:
     settings: dict[str, Any]
     versions: dict[str, str]
     device: str = ""
+    run_id: str = ""
     cases: list[CaseResult] = field(default_factory=list)
     not_segmented: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # of the run itself, e.g. a run file that could not be written
     seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
-        """0 when every case succeeded; 1 when a case failed or an input was rejected (bad file, unusable series)."""
+        """0 when every case succeeded; 1 when a case failed, an input was rejected (bad file, unusable series) or
+        a run file could not be written. Cases skipped because they exist or another run writes them are no
+        failures."""
         failed = any(c.status == "failed" for c in self.cases) or any(s["failure"] for s in self.not_segmented)
-        return 1 if failed else 0
+        return 1 if failed or self.errors else 0
 
 
 def segment(
@@ -106,20 +141,23 @@ def segment(
     num_workers: int = 1,
     num_parts: int | None = None,
     part_id: int | None = None,
+    max_image_size: int | str | None = None,
     quiet: bool = False,
 ) -> SegmentReport:
     """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them) into OUTPUT.
 
     Per case ``<name>.nii.gz`` (labelmap in the input's geometry), with ``dicom_seg`` ``<name>_seg.dcm`` (DICOM
     input only), with ``statistics`` ``<name>_statistics.json/.csv`` (volume in mL and mean intensity per label,
-    and all cases in ``statistics.csv``), with ``preview`` ``<name>_preview.png``; and ``report.json``.
+    and all cases in ``statistics.csv``), with ``preview`` ``<name>_preview.png``; and ``report.json``. OUTPUT may
+    lie inside INPUT (it is then not searched for inputs) or hold it, but it may not be INPUT itself, and no output
+    may replace an input file.
 
     Args:
         input: a file, a DICOM series folder, or a folder tree.
-        output: the output folder.
+        output: the output folder (created if needed).
         bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``), or (from Python) a
-            :class:`~ic_moe_monai.predictor.BundleSegmenter` already built, reused as it is (then ``config`` and
-            ``batch_size`` must be left out and ``device`` be ``auto`` or the segmenter's).
+            ``BundleSegmenter`` already built, reused as it is (then ``config`` and ``batch_size`` must be left out
+            and ``device`` be ``auto`` or the segmenter's).
         config: extra config files merged after ``inference.json``, comma-separated (e.g. a profile).
         device: ``auto`` (CUDA if available; under torchrun the local rank's GPU), ``cpu`` or ``cuda:N``. On a GPU
             the volume is preprocessed, segmented and inverted there; only the labelmap comes back.
@@ -132,71 +170,122 @@ def segment(
             each loaded case is already there, so GPU memory holds up to ``num_workers`` more volumes.
         num_parts: split the cases into this many parts (default: torchrun's WORLD_SIZE, else 1).
         part_id: the part this process segments, 0 ≤ part_id < num_parts (default: torchrun's RANK, else 0).
+        max_image_size: the largest image accepted, as float32 bytes or with a unit (``4G``, ``512M``); a larger
+            one is refused from its header, before any voxel is read (default ``$IC_MOE_MAX_IMAGE_BYTES``, else
+            1/8 of the memory, at most 4 GiB).
         quiet: no progress bars; log warnings only.
 
     Raises:
-        ValueError, FileNotFoundError: for usage errors (bad option values, missing input or bundle).
+        UsageError: a bad option value, an output folder that cannot be created or written, an output folder that
+            is the input folder, or an output that would replace an input file; all before the model is loaded.
+        FileNotFoundError: the input does not exist.
+        ~ic_moe_monai.predictor.BundleError: the bundle cannot be used (configs, network, weights).
     """
     started = time.monotonic()
+    quiet = _flag("quiet", quiet)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     wanted = _parse_formats(formats)
-    configs = _as_list(config)
+    configs = _as_list("config", config)
+    statistics = _flag("statistics", statistics)
+    preview = _flag("preview", preview)
+    overwrite = _flag("overwrite", overwrite)
     num_parts, part_id = _parse_parts(num_parts, part_id)
-    if (batch_size is not None and int(batch_size) < 1) or int(num_workers) < 0:
-        raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size} and {num_workers}.")
+    batch_size = None if batch_size is None else _integer("batch_size", batch_size, 1)
+    num_workers = _integer("num_workers", num_workers, 0)
+    max_bytes = _size_limit(max_image_size)
     if isinstance(bundle, BundleSegmenter):
         torch_device = _reused_segmenter_device(bundle, configs, batch_size, device)
     else:
         torch_device = _resolve_device(device)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_partial_outputs(out_dir):
-        logger.info("removed %s, left by an interrupted run", stale.name)
+    if not os.path.lexists(input):
+        raise FileNotFoundError(f"input {input}: no such file or folder.")
+    out_dir = _prepare_output(Path(input), Path(output))
+    all_cases, skipped = discover_cases(input, exclude=_excluded(Path(input), out_dir))
+    suffix = f"_part{part_id}" if num_parts > 1 else ""
+    run_files = [out_dir / f"report{suffix}.json", out_dir / f"statistics{suffix}.csv"]
+    _refuse_replacing_inputs(all_cases, _all_outputs(out_dir, all_cases, wanted, statistics, preview, run_files))
 
     bundle_name = str(bundle.bundle) if isinstance(bundle, BundleSegmenter) else str(bundle)
     settings = {"bundle": bundle_name, "config": configs, "formats": wanted, "statistics": statistics,
                 "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
-                "num_parts": num_parts, "part_id": part_id}  # fmt: skip
+                "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes}  # fmt: skip
     report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
-                           device=_device_name(torch_device))  # fmt: skip
-    all_cases, skipped = discover_cases(input, exclude=[out_dir])  # outputs inside the input are not inputs
-    cases = all_cases[part_id::num_parts]
+                           device=_device_name(torch_device), run_id=run_id())  # fmt: skip
+
+    with ExitStack() as run:
+        reader_notes = run.enter_context(_library_logs())
+        if not run.enter_context(exclusive_lock(out_dir / REPORT_LOCK.format(run_files[0].name), remove=True)):
+            # another run is writing into this folder: its report keeps its name, this one's gets the run id
+            run_files = [p.with_name(f"{p.stem}_{run_id().replace('~', '_')}{p.suffix}") for p in run_files]
+            logger.warning("another run is writing into %s: this run's report is %s", out_dir, run_files[0].name)
+        _remove_leftovers(out_dir)
+        _list_not_segmented(report, input, all_cases, skipped)
+        todo = _plan(report, all_cases[part_id::num_parts], out_dir, wanted, statistics, preview, overwrite)
+        if todo:
+            if isinstance(bundle, BundleSegmenter):
+                segmenter = bundle
+            else:
+                segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size)
+            settings["batch_size"] = segmenter.batch_size
+            _run_cases(_Job(segmenter, out_dir, overwrite, max_bytes, reader_notes), todo, num_workers, quiet)
+        _write_run_files(report, run_files, statistics, time.monotonic() - started)
+    counts = {s: sum(c.status == s for c in report.cases) for s in ("done", "failed", SKIPPED_EXISTS, SKIPPED_BUSY)}
+    logger.info("%d segmented, %d already done, %d written by another run, %d failed, %d inputs not segmented "
+                "(%.1f s)", counts["done"], counts[SKIPPED_EXISTS], counts[SKIPPED_BUSY], counts["failed"],
+                len(report.not_segmented), report.seconds)  # fmt: skip
+    return report
+
+
+def _list_not_segmented(report: SegmentReport, input: str, cases: list[Case], skipped: list[Skipped]) -> None:
+    """What discovery did not make a case of, in the report and on the console."""
     report.not_segmented = [{"path": str(s.path), "reason": s.reason, "failure": s.failure} for s in skipped]
-    if not all_cases and not skipped:
+    if not cases and not skipped:
         report.not_segmented.append({"path": str(input), "reason": "no image files or DICOM series found",
                                      "failure": True})  # fmt: skip
     for s in report.not_segmented:
         (logger.warning if s["failure"] else logger.info)("not segmented: %s: %s", s["path"], s["reason"])
 
-    todo: list[tuple[Case, CaseResult]] = []
+
+def _plan(
+    report: SegmentReport,
+    cases: list[Case],
+    out_dir: Path,
+    formats: list[str],
+    statistics: bool,
+    preview: bool,
+    overwrite: bool,
+) -> list[tuple[Case, CaseResult]]:
+    """A result per case in the report; the cases to segment (not finished yet, or all with ``overwrite``)."""
+    todo = []
     for case in cases:
         result = CaseResult(name=case.name, source=str(case.path), status="done")
-        result.outputs = _output_paths(out_dir, case, wanted, statistics, preview, result.notes)
-        if not overwrite and all(Path(p).exists() for p in result.outputs.values()):
-            result.status = "skipped (exists)"
+        result.outputs = _output_paths(out_dir, case, formats, statistics, preview, result.notes)
+        if not result.outputs:
+            result.status = SKIPPED_NOTHING
+        elif not overwrite and _finished(result):
+            result.status = SKIPPED_EXISTS
         else:
             todo.append((case, result))
         report.cases.append(result)
-    if todo:
-        if isinstance(bundle, BundleSegmenter):
-            segmenter = bundle
-        else:
-            segmenter = BundleSegmenter(bundle, configs, torch_device, None if batch_size is None else int(batch_size))
-        settings["batch_size"] = segmenter.batch_size
-        _run_cases(segmenter, todo, int(num_workers), quiet)
-    _write_run_files(report, out_dir, num_parts, part_id, statistics, time.monotonic() - started)
-    done = sum(c.status == "done" for c in report.cases)
-    failed = sum(c.status == "failed" for c in report.cases)
-    logger.info("%d segmented, %d already done, %d failed, %d inputs not segmented (%.1f s)", done,
-                len(report.cases) - done - failed, failed, len(report.not_segmented), report.seconds)  # fmt: skip
-    return report
+    return todo
 
 
-def _run_cases(segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], num_workers: int, quiet: bool) -> None:
+# ------------------------------------------------------------------------------------------------- the cases
+@dataclass
+class _Job:
+    """What every case of a run shares."""
+
+    segmenter: BundleSegmenter
+    out_dir: Path
+    overwrite: bool
+    max_bytes: int
+    reader_notes: _ReaderNotes
+
+
+def _run_cases(job: _Job, todo: list[tuple[Case, CaseResult]], num_workers: int, quiet: bool) -> None:
     """Segment the cases in order while up to ``num_workers`` next cases load in background threads and the
-    finished ones are written by another."""
+    finished ones are written by another. Each case is locked from before it loads until it is written."""
     progress_cases = _progress_bar(quiet, total=len(todo), desc="cases", unit="case", position=0)
     progress_slices = _progress_bar(quiet, desc="slices", unit="slice", position=1, leave=False)
 
@@ -208,48 +297,123 @@ def _run_cases(segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], 
 
     redirect = logging_redirect_tqdm() if tqdm is not None and not quiet else nullcontext()
     # one case waits to be written at most: labelmaps (and the image, for statistics) do not pile up
-    with redirect, _CaseLoader(segmenter, todo, num_workers) as loaded, BackgroundWriter(max_pending=1) as writer:
-        for (case, result), pending in zip(todo, loaded, strict=True):
+    with redirect, _CaseLoader(job, todo, num_workers) as loader, BackgroundWriter(max_pending=1) as writer:
+        for (case, result), pending in zip(todo, loader.futures(), strict=True):
             progress_cases.set_postfix_str(case.name)
+            lock = loader.lock_of(result)
             try:
-                image, data, result.seconds["load"] = pending.result()
+                loaded = pending.result()
+                if loaded is None:  # not this run's to write: the claim recorded why
+                    progress_cases.update(1)
+                    continue
+                image, data, result.seconds["load"] = loaded
                 result.slices = int(data["image"].shape[-1])
                 start = time.monotonic()
-                labels = segmenter.predict(data, progress=None if quiet else on_batch)
+                labels = job.segmenter.predict(data, progress=None if quiet else on_batch)
                 result.seconds["inference"] = round(time.monotonic() - start, 3)
                 del data
                 needs_image = "statistics_json" in result.outputs or "preview" in result.outputs
-                writer.submit(_finish_case, case, result, image if needs_image else None, labels, segmenter,
-                              progress_cases)  # fmt: skip
+                writer.submit(_finish_case, case, result, image if needs_image else None, labels, job.segmenter,
+                              progress_cases, lock)  # fmt: skip
             except Exception as err:  # one bad case must not stop the batch
-                _fail(result, err)
+                _fail(case, result, err, remove_outputs=lock is not None)
+                if lock is not None:
+                    lock.release()
                 progress_cases.update(1)
     progress_slices.close()
     progress_cases.close()
 
 
 def _finish_case(
-    case: Case, result: CaseResult, image: MetaTensor | None, labels: MetaTensor, seg: BundleSegmenter, progress: Any
+    case: Case,
+    result: CaseResult,
+    image: MetaTensor | None,
+    labels: MetaTensor,
+    seg: BundleSegmenter,
+    progress: Any,
+    lock: _CaseLock | None,
 ) -> None:
-    """Write one case's outputs (in the writing thread) and record how it went."""
+    """Write one case's outputs (in the writing thread), record how it went, and release the case."""
     try:
         start = time.monotonic()
         _write_outputs(case, result, image, labels, seg)
         result.seconds["write"] = round(time.monotonic() - start, 3)
         logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     except Exception as err:  # one bad case must not stop the batch
-        _fail(result, err)
-    progress.update(1)
+        _fail(case, result, err, remove_outputs=True)
+    finally:
+        if lock is not None:
+            lock.release()
+        progress.update(1)
 
 
-def _fail(result: CaseResult, err: Exception) -> None:
+def _fail(case: Case, result: CaseResult, err: BaseException, remove_outputs: bool) -> None:
+    """Record a failed case; with ``remove_outputs`` (the case is locked by this run) delete what it has written,
+    so no half set of outputs remains and a rerun redoes the case."""
     result.status = "failed"
-    result.error = _one_line(err)
-    for path in result.outputs.values():  # no half set of outputs: a rerun redoes the case
-        Path(path).unlink(missing_ok=True)
+    result.error = _case_error(case, err)
+    for path in result.outputs.values() if remove_outputs else ():
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError as unlink_error:
+            result.notes.append(f"could not remove {path}: {unlink_error.strerror or unlink_error}")
     result.outputs = {}
     logger.warning("failed: %s", result.error)
-    logger.debug("%s", traceback.format_exc())
+    logger.debug("%s", "".join(traceback.format_exception(err)))
+
+
+class _CaseLock:
+    """The lock of one case in the output folder (:func:`~ic_moe_monai.io.writers.exclusive_lock`, removed when
+    released), held by this run from before the case loads until its outputs are written or removed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stack = ExitStack()
+
+    def acquire(self) -> bool:
+        """Whether the lock is now held (False: another run holds it)."""
+        held = self._stack.enter_context(exclusive_lock(self.path, remove=True))
+        if not held:
+            self._stack.close()
+        return held
+
+    def release(self) -> None:
+        """Let the lock go (again: nothing happens)."""
+        self._stack.close()
+
+
+def _claim(job: _Job, case: Case, result: CaseResult) -> _CaseLock | None:
+    """Lock ``case`` for this run; None, with the case's status set, when another run writes it or (without
+    ``overwrite``) finished it meanwhile.
+
+    Raises:
+        _OutputError: the lock file cannot be created.
+    """
+    lock = _CaseLock(job.out_dir / _lock_name(case.name))
+    try:
+        held = lock.acquire()
+    except OSError as err:
+        raise _OutputError(f"{case.path}: cannot lock the case in {job.out_dir} ({_os_reason(err)})") from err
+    if not held:
+        result.status = SKIPPED_BUSY
+        logger.info("%s: %s", case.name, SKIPPED_BUSY)
+        return None
+    if not job.overwrite and _finished(result):  # another run wrote it since the outputs were first looked at
+        lock.release()
+        result.status = SKIPPED_EXISTS
+        return None
+    return lock
+
+
+def _lock_name(case_name: str) -> str:
+    name = CASE_LOCK.format(case_name)
+    if len(os.fsencode(name)) > NAME_MAX:  # a case named after a very long file name
+        name = CASE_LOCK.format(hashlib.sha1(os.fsencode(case_name)).hexdigest()[:16])
+    return name
+
+
+def _finished(result: CaseResult) -> bool:
+    return all(Path(p).is_file() for p in result.outputs.values())  # a folder in an output's place is no output
 
 
 class _NoBar:
@@ -266,47 +430,72 @@ def _progress_bar(quiet: bool, **kwargs: Any) -> Any:
     return tqdm(**kwargs) if tqdm is not None and not quiet else _NoBar()
 
 
+Loaded = tuple[MetaTensor, dict[str, Any], float]
+
+
 class _CaseLoader:
-    """Futures of ``(image, preprocessed data, seconds)`` for the cases in order, ``ahead`` of them in flight."""
+    """Futures of ``(image, preprocessed data, seconds)`` for the cases in order (None for a case this run does not
+    write), ``ahead`` of them in flight. Each case is claimed (locked) in the consuming thread just before its load
+    is submitted; the locks still held at the end are released."""
 
-    def __init__(self, segmenter: BundleSegmenter, todo: list[tuple[Case, CaseResult]], ahead: int) -> None:
-        self.segmenter, self.cases, self.ahead = segmenter, [c for c, _ in todo], ahead
+    def __init__(self, job: _Job, todo: list[tuple[Case, CaseResult]], ahead: int) -> None:
+        self.job, self.todo, self.ahead = job, todo, ahead
         self.pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="load") if ahead else None
+        self.locks: dict[int, _CaseLock] = {}
 
-    def _load(self, case: Case) -> tuple[MetaTensor, dict[str, Any], float]:
+    def lock_of(self, result: CaseResult) -> _CaseLock | None:
+        """The lock this run holds on the case of ``result``, if any."""
+        return self.locks.get(id(result))
+
+    def _load(self, case: Case, result: CaseResult) -> Loaded:
         start = time.monotonic()
-        image = load_case(case)
-        data = self.segmenter.preprocess(image)
+        with self.job.reader_notes.collecting(case.name, result.notes):
+            image = load_case(case, self.job.max_bytes)
+            data = self.job.segmenter.preprocess(image)
         return image, data, round(time.monotonic() - start, 3)
 
-    def _submit(self, case: Case) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(self._load, case)
+    def _submit(self, case: Case, result: CaseResult) -> Future:
         future: Future = Future()
         try:
-            future.set_result(self._load(case))
+            lock = _claim(self.job, case, result)
+        except Exception as err:  # handed to the consumer through the future, as a load error is
+            future.set_exception(err)
+            return future
+        if lock is None:
+            future.set_result(None)
+            return future
+        self.locks[id(result)] = lock
+        if self.pool is not None:
+            return self.pool.submit(self._load, case, result)
+        try:
+            future.set_result(self._load(case, result))
         except Exception as err:  # handed to the consumer through the future, as a pool would
             future.set_exception(err)
         return future
 
-    def __enter__(self) -> Iterator[Future]:
-        return self._futures()
-
-    def _futures(self) -> Iterator[Future]:
-        pending = iter(self.cases)
+    def futures(self) -> Iterator[Future]:
+        """One future per case, in order; the current case and up to ``ahead`` after it are in flight."""
+        pending = iter(self.todo)
         queue: deque[Future] = deque()
-        for _ in self.cases:
-            while len(queue) <= self.ahead and (case := next(pending, None)) is not None:
-                queue.append(self._submit(case))  # the current case and up to `ahead` after it
+        for _ in self.todo:
+            while len(queue) <= self.ahead and (item := next(pending, None)) is not None:
+                queue.append(self._submit(*item))
             yield queue.popleft()
 
+    def __enter__(self) -> _CaseLoader:
+        return self
+
     def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for lock in self.locks.values():  # cases left unwritten by an error or an interruption
+                lock.release()
 
 
 def _output_paths(
-    out_dir: Path, case: Case, formats: list[str], statistics: bool, preview: bool, notes: list[str]
+    out_dir: Path, case: Case, formats: list[str], statistics: bool, preview: bool, notes: list[str] | None = None
 ) -> dict[str, str]:
     paths = {}
     if "nifti" in formats:
@@ -314,7 +503,7 @@ def _output_paths(
     if "dicom_seg" in formats:
         if case.dicom_seg_problem is None:
             paths["dicom_seg"] = out_dir / f"{case.name}_seg.dcm"
-        else:
+        elif notes is not None:
             notes.append(f"no DICOM SEG: {case.dicom_seg_problem}")
     if statistics:
         paths["statistics_json"] = out_dir / f"{case.name}_statistics.json"
@@ -327,13 +516,21 @@ def _output_paths(
 def _write_outputs(
     case: Case, result: CaseResult, image: MetaTensor | None, labels: MetaTensor, seg: BundleSegmenter
 ) -> None:
-    """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case."""
+    """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case. A DICOM SEG that
+    cannot be made is a note on the case, whose other outputs are still written."""
     label_array = np.asarray(labels[0], dtype=np.uint8)  # keeps the labelmap's memory order (NIfTI's, x fastest)
     affine = np.asarray(labels.affine, dtype=np.float64)
     outputs = result.outputs
-    with _writing("the DICOM SEG", case):
-        if "dicom_seg" in outputs:
-            write_dicom_seg(label_array, affine, case.files, seg.label_names, outputs["dicom_seg"], seg.version)
+    if "dicom_seg" in outputs:
+        try:
+            write_dicom_seg(label_array, affine, case.files, seg.label_names, outputs["dicom_seg"], seg.version,
+                            segment_codes=getattr(seg, "segment_codes", None))  # fmt: skip
+        except Exception as err:  # the SEG is one output among others: the case keeps its labelmap
+            with suppress(OSError):  # an earlier run's SEG would not match the new labelmap
+                Path(outputs.pop("dicom_seg")).unlink(missing_ok=True)
+            note = f"no DICOM SEG: {_one_line(err)}"
+            result.notes.append(note)
+            logger.warning("%s: %s", case.path, note)
     with _writing("the statistics", case):
         if "statistics_json" in outputs:
             stats = label_statistics(label_array, np.asarray(image), affine, seg.label_names)
@@ -346,74 +543,305 @@ def _write_outputs(
             write_nifti_labels(label_array, affine, outputs["nifti"])
 
 
+class _OutputError(RuntimeError):
+    """An output of a case that cannot be written; the message names the case's input and the reason."""
+
+
 @contextmanager
 def _writing(what: str, case: Case) -> Iterator[None]:
     """Name the case and the output in a writer's error."""
     try:
         yield
     except Exception as err:
-        raise RuntimeError(f"{case.path}: writing {what} failed ({_one_line(err)})") from err
+        reason = _os_reason(err) if isinstance(err, OSError) else _one_line(err)
+        raise _OutputError(f"{case.path}: writing {what} failed ({reason})") from err
 
 
-def _write_run_files(
-    report: SegmentReport, out_dir: Path, num_parts: int, part_id: int, statistics: bool, seconds: float
-) -> None:
-    """``report.json`` (``report_part<K>.json`` for one of several parts) and, with statistics, ``statistics.csv``."""
+def _case_error(case: Case, err: BaseException) -> str:
+    """One line naming the case's file and the problem.
+
+    MONAI wraps a transform's error in ``RuntimeError("applying transform <object at 0x…>")``: the transform's
+    class and the original error are shown instead.
+    """
+    step = ""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        match = re.search(r"\.(\w+) object at 0x", str(err))
+        step = step or (match.group(1) if match else "")
+        err = err.__cause__
+    where, message = str(case.path), _first_line(err)
+    if not isinstance(err, (ImageError, _OutputError)) and where not in message:  # not one of our own messages
+        message = f"{type(err).__name__}: {message}"
+    if step:
+        message = f"preprocessing ({step}) failed: {message}"
+    return message if where in message else f"{where}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------- run files
+def _write_run_files(report: SegmentReport, run_files: list[Path], statistics: bool, seconds: float) -> None:
+    """The report (``report.json``, ``report_part<K>.json`` for one of several parts, with the run id when another
+    run holds that name) and, with statistics, ``statistics.csv`` likewise. What cannot be written is a run error:
+    said on stderr, and exit code 1."""
+    report_path, statistics_path = run_files
     report.seconds = round(seconds, 3)
-    suffix = f"_part{part_id}" if num_parts > 1 else ""
     if statistics:
-        rows = []
-        for case in report.cases:
-            path = case.outputs.get("statistics_json")
-            if case.status != "failed" and path and Path(path).exists():
-                rows.append((case.name, json.loads(Path(path).read_text())))
-        with atomic_output(out_dir / f"statistics{suffix}.csv") as tmp:
-            tmp.write_text(statistics_csv(rows))
-    with atomic_output(out_dir / f"report{suffix}.json") as tmp:
-        tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
+        try:
+            with atomic_output(statistics_path) as tmp:
+                tmp.write_text(statistics_csv(_statistics_rows(report)))
+        except OSError as err:
+            _run_error(report, f"cannot write {statistics_path}: {_os_reason(err)}")
+    try:
+        with atomic_output(report_path) as tmp:
+            tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
+    except OSError as err:
+        _run_error(report, f"cannot write the report {report_path}: {_os_reason(err)}")
 
 
+def _statistics_rows(report: SegmentReport) -> list[tuple[str, dict]]:
+    rows = []
+    for case in report.cases:
+        path = case.outputs.get("statistics_json")
+        if case.status == "failed" or not path or case.status == SKIPPED_BUSY:
+            continue
+        try:
+            rows.append((case.name, json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as err:  # e.g. removed or damaged since an earlier run wrote it
+            case.notes.append(f"not in statistics.csv: {Path(path).name} cannot be read ({_first_line(err)})")
+    return rows
+
+
+def _run_error(report: SegmentReport, message: str) -> None:
+    report.errors.append(message)
+    logger.error("%s", message)
+
+
+# ------------------------------------------------------------------------------------------ input and output
+def _prepare_output(input: Path, output: Path) -> Path:
+    """Create the output folder and check that files can be written into it.
+
+    Raises:
+        UsageError: ``output`` is a file, is the input folder, cannot be created, or cannot be written into.
+    """
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output}: exists and is not a folder.")
+    if output.is_dir() and input.is_dir() and os.path.samefile(input, output):
+        raise UsageError(
+            f"output {output} is the input folder {input}: outputs written there would be read as inputs by the "
+            "next run; choose another output folder (one inside the input is fine)."
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"output {output}: cannot create the folder ({_os_reason(err)}).") from err
+    probe = output / f".write-probe{PARTIAL_MARK}~{run_id()}"  # a dead run's leftover is removed like any other
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(descriptor, b"write probe\n")
+        finally:
+            os.close(descriptor)
+        os.unlink(probe)
+    except OSError as err:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise UsageError(f"output {output}: cannot write into the folder ({_os_reason(err)}).") from err
+    return output
+
+
+def _excluded(input: Path, out_dir: Path) -> list[Path]:
+    """The output folder when it lies inside the input folder: earlier outputs are no inputs. An input inside the
+    output folder (``segment studies .``) is searched as usual."""
+    try:
+        inside = input.is_dir() and input.resolve() in out_dir.resolve().parents
+    except (OSError, RuntimeError):  # a symbolic link loop: nothing to exclude through it
+        inside = False
+    return [out_dir] if inside else []
+
+
+def _all_outputs(
+    out_dir: Path, cases: list[Case], formats: list[str], statistics: bool, preview: bool, run_files: list[Path]
+) -> Iterator[Path]:
+    """Every file a run may write for ``cases`` (of all parts), run files included."""
+    yield from run_files
+    for case in cases:
+        yield from map(Path, _output_paths(out_dir, case, formats, statistics, preview).values())
+
+
+def _refuse_replacing_inputs(cases: list[Case], outputs: Iterable[Path]) -> None:
+    """Refuse outputs that are input files: the same file (device and inode), reached by the same path, a symbolic
+    link or a hard link.
+
+    Raises:
+        UsageError: naming the first output and input, and how many more.
+    """
+    inputs: dict[tuple[int, int], Path] = {}
+    for case in cases:
+        for path in case.files or [case.path]:
+            try:
+                status = os.stat(path)
+            except OSError:  # gone or unreadable: its load reports it
+                continue
+            inputs[(status.st_dev, status.st_ino)] = path
+    clashes = []
+    for output in outputs:
+        try:
+            status = os.stat(output)
+        except OSError:  # not there (the usual case): it is no input
+            continue
+        if (status.st_dev, status.st_ino) in inputs:
+            clashes.append((output, inputs[(status.st_dev, status.st_ino)]))
+    if clashes:
+        (output, source), more = clashes[0], f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        same = "" if Path(output) == Path(source) else " (the same file)"
+        raise UsageError(f"output {output} would replace the input {source}{same}{more}: choose an output folder "
+                         "that holds no input files.")  # fmt: skip
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporary files of runs that are no longer alive, and lock files nobody holds (left by killed runs)."""
+    for stale in remove_partial_outputs(out_dir):
+        logger.info("removed %s, left by an interrupted run", stale.name)
+    for path in [*out_dir.glob(CASE_LOCK.format("*")), *out_dir.glob(REPORT_LOCK.format("report*.json"))]:
+        try:
+            with exclusive_lock(path, remove=True):  # removed only when no other run holds it
+                pass
+        except OSError:  # e.g. removed by another run meanwhile
+            continue
+
+
+class _ReaderNotes(logging.Handler):
+    """What readers log while a case loads (nibabel's header fix-ups and complaints, which name no file), kept as
+    notes on that case instead of bare lines on the console. Errors are left out: they come back as the load's
+    exception, which names the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    @contextmanager
+    def collecting(self, case_name: str, notes: list[str]) -> Iterator[None]:
+        """Collect this thread's reader messages into ``notes`` for the block."""
+        self._local.target = (case_name, notes)
+        try:
+            yield
+        finally:
+            self._local.target = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = getattr(self._local, "target", None)
+        if target is None or record.levelno >= logging.ERROR:
+            return
+        name, notes = target
+        note = f"while reading: {record.getMessage()}"
+        if note not in notes:
+            notes.append(note)
+            logger.info("%s: %s", name, note)
+
+
+@contextmanager
+def _library_logs() -> Iterator[_ReaderNotes]:
+    """For the run: nibabel's messages go to the case they concern, highdicom's INFO lines (every module it copies)
+    are left out; both loggers are restored afterwards."""
+    from nibabel import imageglobals  # its logger gets a console handler at import: import it before the swap
+
+    notes = _ReaderNotes()
+    nibabel_log, highdicom_log = imageglobals.logger, logging.getLogger("highdicom")
+    saved = (nibabel_log.handlers[:], nibabel_log.propagate, highdicom_log.level)
+    nibabel_log.handlers, nibabel_log.propagate = [notes], False
+    highdicom_log.setLevel(logging.WARNING)
+    try:
+        yield notes
+    finally:
+        nibabel_log.handlers, nibabel_log.propagate = saved[0], saved[1]
+        highdicom_log.setLevel(saved[2])
+
+
+# ---------------------------------------------------------------------------------------------------- options
 def _parse_formats(formats: str | Sequence[str]) -> list[str]:
-    wanted = [f.strip().lower() for f in _as_list(formats)]
+    wanted = [f.lower() for f in _as_list("formats", formats)]
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown or not wanted:
-        raise ValueError(f"formats must be a comma-separated subset of {', '.join(FORMATS)}, got {formats!r}.")
+        raise UsageError(f"formats must be a comma-separated subset of {', '.join(FORMATS)}, got {formats!r}.")
     return list(dict.fromkeys(wanted))
 
 
-def _parse_parts(num_parts: int | None, part_id: int | None) -> tuple[int, int]:
+def _parse_parts(num_parts: object, part_id: object) -> tuple[int, int]:
     """``num_parts``/``part_id`` as given, else torchrun's ``WORLD_SIZE``/``RANK``, else one part."""
     if num_parts is None and part_id is None:
-        num_parts, part_id = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    num_parts = 1 if num_parts is None else int(num_parts)
-    part_id = 0 if part_id is None else int(part_id)
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"need num_parts ≥ 1 and 0 ≤ part_id < num_parts, got {num_parts} and {part_id}.")
+        num_parts = _integer("WORLD_SIZE (environment)", os.environ.get("WORLD_SIZE", 1), 1)
+        part_id = _integer("RANK (environment)", os.environ.get("RANK", 0), 0)
+    num_parts = 1 if num_parts is None else _integer("num_parts", num_parts, 1)
+    part_id = 0 if part_id is None else _integer("part_id", part_id, 0)
+    if part_id >= num_parts:
+        raise UsageError(f"need 0 ≤ part_id < num_parts, got part_id {part_id} and num_parts {num_parts}.")
     return num_parts, part_id
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def _integer(name: str, value: object, minimum: int) -> int:
+    """``value`` as a whole number ≥ ``minimum`` (ints, and strings or floats holding one)."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value)
+    ):
+        number = int(value)
+    if number is None or number < minimum:
+        raise UsageError(f"{name} must be a whole number ≥ {minimum}, got {value!r}.")
+    return number
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _flag(name: str, value: object) -> bool:
+    """An on/off option: a bool (``--name`` / ``--noname``), 0 / 1, or true / false / yes / no."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (int, str)) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise UsageError(f"{name} is an on/off option (--{name} or --no{name}), got {value!r}.")
+
+
+def _size_limit(max_image_size: object) -> int:
+    """The image size limit in bytes (see :func:`~ic_moe_monai.io.guards.max_image_bytes`)."""
+    try:
+        return max_image_bytes(max_image_size)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as err:
+        source = MAX_BYTES_ENV if max_image_size in (None, "") else "max_image_size"
+        raise UsageError(f"{source}: {err}") from err
+
+
+def _resolve_device(device: object) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a bare N is ``cuda:N``), checked against this machine."""
+    text = str(device).strip().lower()
+    if text == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device must be auto, cpu or cuda:N, got {device!r}.") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine.")
-    return resolved
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"(?:cuda:)?([0-9]+)|cuda", text)
+    if match is None:
+        raise UsageError(f"device {device} is not supported: use auto, cpu or cuda:N.")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {device}: CUDA is not available on this machine.")
+    if match.group(1) is None:
+        return torch.device("cuda")
+    index, count = int(match.group(1)), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+    return torch.device("cuda", index)
 
 
 def _reused_segmenter_device(
-    segmenter: BundleSegmenter, configs: list[str], batch_size: int | None, device: str
+    segmenter: BundleSegmenter, configs: list[str], batch_size: int | None, device: object
 ) -> torch.device:
     """The device of a segmenter passed in place of a bundle folder, after checking nothing asks to rebuild it."""
     if configs or batch_size is not None:
-        raise ValueError("config and batch_size cannot change a BundleSegmenter that is already built.")
-    if device != "auto" and torch.device(device) != segmenter.device:
-        raise ValueError(f"device {device!r}: the BundleSegmenter given runs on {segmenter.device}.")
+        raise UsageError("config and batch_size cannot change a BundleSegmenter that is already built.")
+    if str(device).strip().lower() != "auto" and _resolve_device(device) != segmenter.device:
+        raise UsageError(f"device {device!r}: the BundleSegmenter given runs on {segmenter.device}.")
     return segmenter.device
 
 
@@ -430,21 +858,32 @@ def _versions() -> dict[str, str]:
 
     versions = {"ic_moe_monai": ic_moe_monai.__version__, "python": platform.python_version(),
                 "torch": torch.__version__, "monai": monai.__version__}  # fmt: skip
-    try:  # without importing ITK: it is needed only for DICOM series, NRRD and MHA
+    try:  # without importing ITK: it is needed only for NRRD and MHA
         versions["itk"] = package_metadata.version("itk")
     except package_metadata.PackageNotFoundError:
         versions["itk"] = "not installed"
     return versions
 
 
-def _as_list(value: str | Sequence[str] | None) -> list[str]:
+def _as_list(name: str, value: object) -> list[str]:
+    """A comma-separated string or a sequence of strings, as a list of non-empty strings."""
     if value is None:
         return []
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v).strip() for v in value if str(v).strip()]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise UsageError(f"{name} must be a comma-separated list, got {value!r}.")
+
+
+def _os_reason(err: BaseException) -> str:
+    return (err.strerror if isinstance(err, OSError) and err.strerror else None) or _one_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return f"{type(err).__name__}: {_first_line(err)}" if str(err).strip() else type(err).__name__

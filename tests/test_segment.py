@@ -216,7 +216,8 @@ def test_cli_usage_errors_and_help(tmp_path):
                             env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})  # fmt: skip
     text = helped.stdout + helped.stderr
     options = ["--bundle", "--config", "--device", "--formats", "--statistics", "--preview", "--overwrite",
-               "--batch_size", "--num_workers", "--num_parts", "--part_id", "--quiet", "Default: 'nifti'"]  # fmt: skip
+               "--batch_size", "--num_workers", "--num_parts", "--part_id", "--max_image_size", "--quiet",
+               "Default: 'nifti'"]  # fmt: skip
     for option in options:
         assert option in text, option
 

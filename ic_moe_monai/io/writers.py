@@ -9,6 +9,8 @@ only the leftovers of runs that are gone, never those of a run still writing int
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import io
 import json
 import os
@@ -33,6 +35,7 @@ __all__ = [
     "exclusive_lock",
     "label_statistics",
     "labels_to_dicom_frames",
+    "partial_name",
     "read_segment_codes",
     "remove_partial_outputs",
     "run_id",
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 PARTIAL_MARK = ".partial"
+NAME_MAX = 255  # bytes in a file name on common file systems
 # Overlay colours of labels 1, 2, ... (RGB), repeated when there are more labels.
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
@@ -77,12 +81,25 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     (writers pick their format from it): ``.<name>.partial~<host>~<pid>~<token><suffixes>``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}~{run_id()}{''.join(path.suffixes)}")
+    tmp = path.with_name(partial_name(path.name))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_name(name: str) -> str:
+    """The temporary name of ``name`` for this run: ``.<name>.partial~<run id><suffixes>``.
+
+    A name that would be too long for a file system (255 bytes) is shortened to a digest of ``name``, so a long
+    input file name does not make its outputs unwritable.
+    """
+    full = f".{name}{PARTIAL_MARK}~{run_id()}{''.join(Path(name).suffixes)}"
+    if len(os.fsencode(full)) <= NAME_MAX:
+        return full
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+    return f".{digest}{PARTIAL_MARK}~{run_id()}{''.join(Path(name).suffixes[-2:])}"
 
 
 def remove_partial_outputs(folder: str | Path) -> list[Path]:
@@ -117,11 +134,17 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[bool]:
+def exclusive_lock(path: str | Path, remove: bool = False) -> Iterator[bool]:
     """Try to hold an advisory lock on ``path`` (created if needed) for the block; yield whether it is held.
 
-    The lock ends with the block or with the process (the OS drops it), so a killed run never leaves a stale lock.
-    Where the OS has no ``fcntl`` (Windows) the lock is always granted.
+    The lock ends with the block or with the process (the OS drops it), so a killed run never leaves a stale lock
+    (only, with ``remove``, the file, which the next holder removes). With ``remove`` the file is deleted at the end
+    of the block while the lock is still held; every holder checks, once it holds the lock, that the file it locked
+    is still the one at ``path`` (and else opens it again), so removing lock files never lets two processes hold the
+    same lock. Where the OS has no ``fcntl`` (Windows) or the file system has no locks, the lock is always granted.
+
+    Raises:
+        OSError: the lock file cannot be created (e.g. a read-only folder).
     """
     try:
         import fcntl
@@ -129,16 +152,46 @@ def exclusive_lock(path: str | Path) -> Iterator[bool]:
         yield True
         return
     path = Path(path)
-    with path.open("a") as handle:
+    handle = _locked_handle(path, fcntl)
+    if handle is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            if remove:  # still held: a process that opened this file before the unlink finds it gone and retries
+                path.unlink(missing_ok=True)
+        finally:
+            handle.close()  # closing the file drops the lock
+
+
+def _locked_handle(path: Path, fcntl: Any) -> Any | None:
+    """An open file on ``path`` holding its exclusive lock, or None when another process holds it."""
+    for _ in range(16):  # another holder may remove the file between our open and our lock: open it again
+        handle = path.open("a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
+        except OSError as err:
+            handle.close()
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            return _NoLock()  # no locks on this file system (e.g. ENOLCK): granted, as without fcntl
         try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()
+    return None
+
+
+class _NoLock:
+    """Stands for a held lock where the file system cannot lock."""
+
+    def close(self) -> None:
+        pass
 
 
 def write_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
