@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ic_moe_monai.amp import autocast
 from ic_moe_monai.inferers import _logits, channel_argmax
 
 __all__ = ["ClickPromptBatch", "simulate_clicks"]
@@ -122,7 +123,8 @@ class ClickPromptBatch:
         prob: share of batches that get clicks.
         max_clicks: clicks per slice at most.
         band: width in pixels of the band outside the object where background clicks land.
-        amp: run the error-finding forward under autocast (as the trainer does with ``amp``).
+        amp: run the error-finding forward under autocast on CUDA (as the trainer does with ``amp``).
+        amp_dtype: its dtype (``"auto"``: bfloat16 where supported; see :mod:`ic_moe_monai.amp`).
         seed: seed of the batch-level draw; click positions use ``seed`` plus the process rank.
         image_key, label_key: keys of the batch dictionary.
     """
@@ -134,6 +136,7 @@ class ClickPromptBatch:
         max_clicks: int = 3,
         band: int = 3,
         amp: bool = False,
+        amp_dtype: str | torch.dtype | None = "auto",
         seed: int = 0,
         image_key: str = "image",
         label_key: str = "label",
@@ -145,6 +148,7 @@ class ClickPromptBatch:
         self.max_clicks = max_clicks
         self.band = band
         self.amp = amp
+        self.amp_dtype = amp_dtype
         self.image_key, self.label_key = image_key, label_key
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
@@ -169,5 +173,5 @@ class ClickPromptBatch:
 
     @torch.no_grad()
     def _predict(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=image.device.type, enabled=self.amp):
+        with autocast(image.device, self.amp, self.amp_dtype):
             return channel_argmax(_logits(self.network(image)))

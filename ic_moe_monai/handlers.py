@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "CaseMetricsWriter",
     "LossTermsAverager",
     "ResumeCheckpointLoader",
+    "iteration_log_filter",
     "latest_checkpoint",
     "load_pretrained_weights",
 ]
@@ -80,6 +81,20 @@ class LossTermsAverager:
             means = (total / self._counts[names]).tolist()  # the epoch's one host sync
             for name, value in zip(names, means, strict=True):
                 engine.state.metrics[f"{self.prefix}{name}"] = value
+
+
+def iteration_log_filter(every: int) -> Callable[[Engine, int], bool]:
+    """An ignite event filter for the ``iteration_log`` of MONAI's StatsHandler / TensorBoardStatsHandler: every
+    ``every``-th iteration and the last of each epoch. Logging the loss reads it on the host, which waits for the
+    device; doing it every iteration would keep a GPU from running ahead of the host.
+    """
+    every = max(1, int(every))
+
+    def _filter(engine: Engine, iteration: int) -> bool:
+        length = engine.state.epoch_length
+        return iteration % every == 0 or bool(length and iteration % length == 0)
+
+    return _filter
 
 
 class TrainingTimeLimit:

@@ -22,7 +22,7 @@ from .conftest import REPO_ROOT
 from .helpers import BUNDLE, CONFIGS, expected_threshold_labels, make_msd_folder
 
 TINY = ["--max_train_cases", "4", "--max_val_cases", "2", "--slices_per_volume", "2", "--volumes_per_batch", "2",
-        "--num_workers", "0", "--cache_rate", "0"]  # fmt: skip
+        "--steps_per_epoch", "3", "--num_workers", "0", "--cache_rate", "0"]  # fmt: skip
 
 
 def bundle_cli(*args: str, torchrun: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ic_moe_monai.evaluation import case_metrics, summarize
-from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, latest_checkpoint
+from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter, latest_checkpoint
 from tests.sync_check import NoHostSync
 
 
@@ -116,6 +116,15 @@ def test_loss_terms_accumulate_on_the_device_without_host_sync():
     engine.run([0, 1, 2], max_epochs=1)
     for name in ("dice_ce", "total"):
         assert engine.state.metrics[f"loss_{name}"] == pytest.approx(np.mean([t[name] for t in seen]), rel=1e-6)
+
+
+def test_iteration_log_filter_every_n_and_each_epochs_last():
+    engine = Engine(lambda e, b: None)
+    logged = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=iteration_log_filter(4)),
+                             lambda e: logged.append(e.state.iteration))  # fmt: skip
+    engine.run(range(3), max_epochs=3)
+    assert logged == [3, 4, 6, 8, 9]
 
 
 def test_time_limit_stops_before_the_budget():
