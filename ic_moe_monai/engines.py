@@ -10,6 +10,7 @@ static input buffers the batch is copied into, an optimizer whose step reads its
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -25,7 +26,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ic_moe_monai.amp import needs_grad_scaler, resolve_amp_dtype
 
-__all__ = ["ICMoETrainer", "WarmupCosineSchedule", "adamw", "decollate_without_sync"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["GraphedFunction", "ICMoETrainer", "WarmupCosineSchedule", "adamw", "decollate_without_sync"]
 
 
 def adamw(
@@ -92,6 +95,85 @@ def _split(value: Any, size: int) -> list[Any]:
         if value.ndim > 0 and value.shape[0] == size:
             return list(value.unbind(0))
     return [value] * size
+
+
+class GraphedFunction:
+    """``fn(*tensors)`` replayed as a CUDA graph: a few eager calls on a side stream, then one capture per kind of
+    input (shapes, dtypes, device), replayed with the inputs copied into static buffers.
+
+    For work without gradients around the training step (e.g. the forward that places simulated clicks). Runs
+    eagerly when ``enabled`` is False, for inputs not on CUDA, for more than ``max_graphs`` kinds of input, and
+    after a capture that fails (said once in the log). A replay returns the graph's static outputs: they are
+    overwritten by the next call.
+
+    Args:
+        fn: takes tensors, returns a tensor or a structure of tensors; must not read device values on the host.
+        enabled: use CUDA graphs at all.
+        warmup: eager calls of a kind of input before it is captured.
+        max_graphs: kinds of input captured at most.
+        name: what the log lines call it.
+    """
+
+    def __init__(self, fn: Callable[..., Any], enabled: bool = True, warmup: int = 2, max_graphs: int = 2,
+                 name: str = "function") -> None:  # fmt: skip
+        self.fn, self.enabled, self.warmup, self.max_graphs, self.name = fn, enabled, max(1, warmup), max_graphs, name
+        self._graphs: dict[Hashable, tuple[Callable[[], None], list[torch.Tensor], Any] | None] = {}
+        self._calls: dict[Hashable, int] = {}
+        self._side_stream: torch.cuda.Stream | None = None
+        self._kept: list[torch.cuda.CUDAGraph] = []
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        if not self._usable(inputs):
+            return self.fn(*inputs)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                return self.fn(*inputs)
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if self._calls[key] <= self.warmup:
+                return self._on_side_stream(inputs[0].device, lambda: self.fn(*inputs))
+            self._graphs[key] = self._capture(inputs)
+        captured = self._graphs[key]
+        if captured is None:
+            return self.fn(*inputs)
+        replay, static, outputs = captured
+        for buffer, value in zip(static, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        replay()
+        return outputs
+
+    def _usable(self, inputs: Sequence[Any]) -> bool:
+        return self.enabled and all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+
+    def _on_side_stream(self, device: torch.device, fn: Callable[[], Any]) -> Any:
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        self._side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._side_stream):
+            out = fn()
+        torch.cuda.current_stream(device).wait_stream(self._side_stream)
+        return out
+
+    def _capture(self, inputs: Sequence[torch.Tensor]) -> tuple[Callable[[], None], list[torch.Tensor], Any] | None:
+        static = [t.clone() for t in inputs]
+        try:
+            replay, outputs = self._record(lambda: self.fn(*static))
+        except Exception as err:
+            if inputs[0].is_cuda:
+                torch.cuda.synchronize(inputs[0].device)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            logger.warning("cuda_graph: capture of %s failed (%s: %s); it runs eagerly.", self.name,
+                           type(err).__name__, first)  # fmt: skip
+            return None
+        logger.info("cuda_graph: %s captured for inputs of shapes %s.", self.name, [tuple(t.shape) for t in inputs])
+        return replay, static, outputs
+
+    def _record(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn()
+        self._kept.append(graph)
+        return graph.replay, outputs
 
 
 class _CapturedStep:

@@ -13,7 +13,13 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from monai.optimizers import WarmupCosineSchedule as MonaiWarmupCosineSchedule
 
-from ic_moe_monai.engines import ICMoETrainer, WarmupCosineSchedule, adamw, decollate_without_sync
+from ic_moe_monai.engines import (
+    GraphedFunction,
+    ICMoETrainer,
+    WarmupCosineSchedule,
+    adamw,
+    decollate_without_sync,
+)
 from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE
 from tests.sync_check import NoHostSync
@@ -172,6 +178,49 @@ def test_grad_scaler_only_for_float16_on_cuda():
         trainer = ICMoETrainer(device=device, optimizer=opt, amp=amp, amp_dtype=dtype, **kwargs)
         assert trainer._uses_scaler() is scaler, (dtype, device, amp)
         assert trainer.amp_kwargs["dtype"] == getattr(torch, dtype)
+
+
+class EmulatedGraphedFunction(GraphedFunction):
+    """GraphedFunction on the CPU with capture emulated: a replay reruns the function into the captured outputs."""
+
+    def __init__(self, *args, fail: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail, self.side_stream_calls, self.captures = fail, 0, 0
+
+    def _usable(self, inputs) -> bool:
+        return self.enabled
+
+    def _on_side_stream(self, device, fn):
+        self.side_stream_calls += 1
+        return fn()
+
+    def _record(self, fn):
+        if self.fail:
+            raise RuntimeError("capture failed")
+        self.captures += 1
+        outputs = fn()
+        return (lambda: [old.copy_(new) for old, new in zip(_tensors(outputs), _tensors(fn()), strict=True)]), outputs
+
+
+def test_graphed_function_warms_up_captures_per_shape_and_replays_into_its_outputs(caplog):
+    calls = []
+
+    def double(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(x.shape)
+        return {"twice": x * 2}
+
+    graphed = EmulatedGraphedFunction(double, warmup=2, max_graphs=1)
+    results = [graphed(torch.full((2,), float(i))) for i in range(5)]
+    assert graphed.side_stream_calls == 2 and graphed.captures == 1
+    assert results[3] is results[4]  # a replay returns the graph's static outputs ...
+    assert torch.equal(results[4]["twice"], torch.full((2,), 8.0))  # ... holding this call's result
+    assert torch.equal(graphed(torch.ones(3))["twice"], torch.full((3,), 2.0))  # another shape: past max_graphs, eager
+    assert graphed.captures == 1
+    failing = EmulatedGraphedFunction(double, warmup=1, name="clicks", fail=True)
+    with caplog.at_level(logging.WARNING):
+        outs = [failing(torch.ones(2)) for _ in range(4)]
+    assert all(torch.equal(o["twice"], torch.full((2,), 2.0)) for o in outs)
+    assert sum("capture of clicks failed" in r.getMessage() for r in caplog.records) == 1
 
 
 # ------------------------------------------------------------------------------------------------ pieces
