@@ -235,14 +235,15 @@ class ClickPromptBatch:
 
     With probability ``prob`` a batch gets ``points`` / ``point_labels`` keyword arguments for the network (the
     others stay prompt-free, so the automatic mode keeps being trained). When ``network`` is given, its prediction
-    on the batch (one extra forward without gradients) places the first click of each slice on its error. Clicks
-    are made on the batch's device by :func:`device_clicks`, without a host sync; with ``cuda_graph`` the forward
-    and the clicks run as one CUDA graph (:class:`~ic_moe_monai.engines.GraphedFunction`), so a clicked batch costs
-    the host two graph launches (this one and the trainer's step).
+    on the batch (one extra forward without gradients) places the first click of each slice on its error. On CUDA
+    the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the
+    forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.engines.GraphedFunction`): a clicked batch
+    costs the host two graph launches (this one and the trainer's step). On the CPU, :func:`simulate_clicks` (exact
+    distance transform, faster there).
 
     The batch-level draw uses its own generator seeded with ``seed``, so every rank of a distributed run makes the
-    same choice at each iteration and runs the same number of forwards. Click positions use torch's global
-    generator (what a CUDA graph can capture); ranks train on different batches, so their clicks differ.
+    same choice at each iteration and runs the same number of forwards. Click positions use ``seed`` plus the rank
+    on the CPU, and torch's global generator on CUDA (the one a CUDA graph can capture).
 
     Args:
         network: the network being trained (plain or DistributedDataParallel); ``None`` for clicks from labels only.
@@ -287,7 +288,9 @@ class ClickPromptBatch:
         self.num_classes = num_classes
         self.max_depth = max_depth
         self.image_key, self.label_key = image_key, label_key
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._draw = random.Random(seed)
+        self._rng = np.random.default_rng(seed + (torch.distributed.get_rank() if distributed else 0))
         self._prompts = GraphedFunction(self._click_prompts, enabled=cuda_graph, name="click prompts")
 
     def __call__(
@@ -310,6 +313,8 @@ class ClickPromptBatch:
         if self.network is not None:
             logits = self._logits(image)
             pred, num_classes = channel_argmax(logits), num_classes or logits.shape[1] - 1
+        if not image.is_cuda:  # on the CPU, SciPy's exact distance transform per slice is the faster of the two
+            return simulate_clicks(label, pred, self.max_clicks, self.band, self._rng)
         if num_classes is None:
             num_classes = int(label.max())
         return device_clicks(label, pred, num_classes, self.max_clicks, self.band, self.max_depth)
