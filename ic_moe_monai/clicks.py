@@ -291,7 +291,9 @@ class ClickPromptBatch:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._draw = random.Random(seed)
         self._rng = np.random.default_rng(seed + (torch.distributed.get_rank() if distributed else 0))
-        self._prompts = GraphedFunction(self._click_prompts, enabled=cuda_graph, name="click prompts")
+        # not under DistributedDataParallel: its forward may talk to the other ranks, which a graph must not record
+        ddp = isinstance(network, torch.nn.parallel.DistributedDataParallel)
+        self._prompts = GraphedFunction(self._click_prompts, enabled=cuda_graph and not ddp, name="click prompts")
 
     def __call__(
         self,

@@ -70,6 +70,10 @@ class SliceBank:
             depths.append(image.shape[2])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.border = border
+        # neighbour offsets, on the device once (a tensor made from a list per step would block on the copy)
+        self._offsets = {
+            c: torch.tensor(o).to(self.device) for c, o in (("neighbors", [-1, 0, 1]), ("repeat", [0] * 3))
+        }
         self.num_volumes = len(depths)
         if not depths:
             self.images = torch.zeros(0, 0, 0, device=self.device)
@@ -129,7 +133,7 @@ class SliceBank:
 
     def stacks(self, centres: torch.Tensor, volumes: torch.Tensor, context: str = "neighbors") -> torch.Tensor:
         """2.5D inputs ``(B, 3, X, Y)``: slices z-1, z, z+1 (``neighbors``) or z three times (``repeat``)."""
-        offsets = torch.tensor([-1, 0, 1] if context == "neighbors" else [0, 0, 0], device=self.device)
+        offsets = self._offsets[context]
         first = self.start[volumes][:, None]
         last = first + self.depth[volumes][:, None] - 1
         index = torch.minimum(torch.maximum(centres[:, None] + offsets, first), last)
@@ -203,13 +207,12 @@ class SliceAugmentation:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The random affine of each slice (identity where not drawn), image and label alike."""
         b = image.shape[0]
-        one = image.new_ones(())
         angle = self._uniform((b,), -self.rotate_range, self.rotate_range, image, generator)
         scale = self._uniform((b, 2), 1 - self.scale_range, 1 + self.scale_range, image, generator)
         shift = self._uniform((b, 2), -self.translate_range, self.translate_range, image, generator)
         chosen = self._chosen(self.affine_prob, image, generator)
         angle = torch.where(chosen, angle, 0.0)
-        scale = torch.where(chosen[:, None], scale, one)
+        scale = torch.where(chosen[:, None], scale, 1.0)
         shift = torch.where(chosen[:, None], shift, 0.0)
         return affine_warp(image, label, angle, scale, shift)
 
@@ -244,13 +247,14 @@ def affine_warp(
     """
     b, _, height, width = image.shape
     # in affine_grid's normalised (x = column, y = row) coordinates: A_n = D⁻¹ · R · diag(scale) · D and
-    # t_n = D⁻¹ · R · shift, with D = diag(width / 2, height / 2) the pixels per normalised unit
-    half = image.new_tensor([width / 2, height / 2])
+    # t_n = D⁻¹ · R · shift, with D = diag(width / 2, height / 2) the pixels per normalised unit (written out
+    # with Python scalars: a tensor made from a list would be a blocking copy to the device)
+    hx, hy = width / 2, height / 2
     cos, sin = torch.cos(angle), torch.sin(angle)
-    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
-    matrix = rotation * scale[:, None, :] * half[None, None, :] / half[None, :, None]
-    offset = (rotation @ shift[:, :, None])[:, :, 0] / half
-    theta = torch.cat([matrix, offset[:, :, None]], dim=2)
+    (sx, sy), (tx, ty) = scale.unbind(-1), shift.unbind(-1)
+    row_x = torch.stack([cos * sx, -sin * sy * (hy / hx), (cos * tx - sin * ty) / hx], dim=-1)
+    row_y = torch.stack([sin * sx * (hx / hy), cos * sy, (sin * tx + cos * ty) / hy], dim=-1)
+    theta = torch.stack([row_x, row_y], dim=1)  # (B, 2, 3)
     grid = F.affine_grid(theta, [b, 1, height, width], align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     label = F.grid_sample(label.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)

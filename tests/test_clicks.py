@@ -9,7 +9,7 @@ import torch
 from ic_moe_monai.clicks import ClickPromptBatch, device_clicks, simulate_clicks
 from ic_moe_monai.handlers import load_pretrained_weights
 from ic_moe_monai.networks import ICMoE
-from tests.sync_check import NoHostSync
+from tests.test_slice_sampling import NoHostSyncOrData
 
 
 def _square_label(batch: int = 4, size: int = 32) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_device_clicks_favour_the_interior_and_never_sync():
     part of a CUDA graph."""
     label = torch.zeros(512, 1, 40, 40, dtype=torch.int64)
     label[:, :, 5:35, 5:35] = 1
-    with NoHostSync():
+    with NoHostSyncOrData():
         points, point_labels = device_clicks(label, num_classes=1, max_clicks=1, max_depth=16)
     rows, cols = points[:, 0, 1], points[:, 0, 0]
     edge_distance = torch.minimum(torch.minimum(rows - 5, 34 - rows), torch.minimum(cols - 5, 34 - cols)) + 1

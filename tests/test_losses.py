@@ -17,7 +17,7 @@ from ic_moe_monai.losses import (
 )
 from ic_moe_monai.networks import ICMoE, TopKRouter
 from tests.amp_emulation import CudaAutocastEmulation
-from tests.sync_check import NoHostSync
+from tests.test_slice_sampling import NoHostSyncOrData
 
 
 def test_top_k_selects_exactly_k_experts_per_token():
@@ -203,7 +203,7 @@ def test_full_loss_and_backward_without_host_sync():
     data (what CUDA graph capture needs); the terms are read on the host only when asked."""
     model, outputs, y = _lite_outputs()
     loss_fn = ICMoELoss(num_classes=2)
-    with NoHostSync() as mode:
+    with NoHostSyncOrData() as mode:
         total = loss_fn(outputs, y)
         total.backward()
         values = loss_fn.last_values

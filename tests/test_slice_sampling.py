@@ -11,9 +11,19 @@ from monai.transforms import Affine
 
 from ic_moe_monai import slice_sampling
 from ic_moe_monai.slice_sampling import DeviceSliceLoader, SliceAugmentation, SliceBank, affine_warp
-from tests.sync_check import NoHostSync
+from tests.sync_check import HostSyncError, NoHostSync
 
 SIZE = 16
+
+
+class NoHostSyncOrData(NoHostSync):
+    """Also raise where a tensor is made from Python data (``torch.tensor([...])``): made for a CUDA device, that is a
+    blocking copy from the host, once per step."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            raise HostSyncError("a tensor made from host data (a blocking copy to the device)")
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def _volume(depth: int, foreground: dict[int, int], value_of=lambda z: float(z)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +183,7 @@ def test_steps_per_epoch():
 def test_a_step_never_reads_the_device_on_the_host():
     loader = _loader()
     generator = loader.epoch_generator(1)
-    with NoHostSync() as mode:
+    with NoHostSyncOrData() as mode:
         batch = loader.sample(generator)
     assert mode.ops > 20 and batch["image"].shape == (6, 3, SIZE, SIZE)
 
