@@ -97,6 +97,23 @@ def _split(value: Any, size: int) -> list[Any]:
     return [value] * size
 
 
+class _SideStream:
+    """Runs warm-up work on a side stream, ordered after and before the current stream's work, as PyTorch's CUDA
+    graph recipe has the iterations before a capture run."""
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+
+    def __call__(self, device: torch.device, fn: Callable[[], Any]) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            out = fn()
+        torch.cuda.current_stream(device).wait_stream(self._stream)
+        return out
+
+
 class GraphedFunction:
     """``fn(*tensors)`` replayed as a CUDA graph: a few eager calls on a side stream, then one capture per kind of
     input (shapes, dtypes, device), replayed with the inputs copied into static buffers.
@@ -119,7 +136,7 @@ class GraphedFunction:
         self.fn, self.enabled, self.warmup, self.max_graphs, self.name = fn, enabled, max(1, warmup), max_graphs, name
         self._graphs: dict[Hashable, tuple[Callable[[], None], list[torch.Tensor], Any] | None] = {}
         self._calls: dict[Hashable, int] = {}
-        self._side_stream: torch.cuda.Stream | None = None
+        self._side_stream = _SideStream()
         self._kept: list[torch.cuda.CUDAGraph] = []
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
@@ -146,13 +163,7 @@ class GraphedFunction:
         return self.enabled and all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
 
     def _on_side_stream(self, device: torch.device, fn: Callable[[], Any]) -> Any:
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(device)
-        self._side_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._side_stream):
-            out = fn()
-        torch.cuda.current_stream(device).wait_stream(self._side_stream)
-        return out
+        return self._side_stream(device, fn)
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> tuple[Callable[[], None], list[torch.Tensor], Any] | None:
         static = [t.clone() for t in inputs]
@@ -255,7 +266,7 @@ class ICMoETrainer(SupervisedTrainer):
         self.max_graphs = max_graphs
         self._graphs: dict[Hashable, _CapturedStep | None] = {}  # None: this kind of batch runs eagerly
         self._warmups: dict[Hashable, int] = {}
-        self._side_stream: torch.cuda.Stream | None = None
+        self._side_stream = _SideStream()
         self._keep_graphs: list[torch.cuda.CUDAGraph] = []
         self._reported: set[str] = set()
         self._graphs_usable: bool | None = None  # decided at the first iteration (after a resumed state is loaded)
@@ -380,12 +391,7 @@ class ICMoETrainer(SupervisedTrainer):
             engine.fire_event(event)
 
     def _on_side_stream(self, fn: Callable[[], None]) -> None:
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.state.device)
-        self._side_stream.wait_stream(torch.cuda.current_stream(self.state.device))
-        with torch.cuda.stream(self._side_stream):
-            fn()
-        torch.cuda.current_stream(self.state.device).wait_stream(self._side_stream)
+        self._side_stream(self.state.device, fn)
 
     def _capture(self, engine: ICMoETrainer, leaves: list[Any], spec: Any) -> _CapturedStep | None:
         """Record forward, loss, backward and optimizer step on static copies of this batch; None if that fails."""
