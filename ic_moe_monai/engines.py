@@ -28,7 +28,14 @@ from ic_moe_monai.amp import needs_grad_scaler, resolve_amp_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphedFunction", "ICMoETrainer", "WarmupCosineSchedule", "adamw", "decollate_without_sync"]
+__all__ = [
+    "GraphedFunction",
+    "ICMoETrainer",
+    "WarmupCosineSchedule",
+    "adamw",
+    "capture_graph",
+    "decollate_without_sync",
+]
 
 
 def adamw(
@@ -95,6 +102,25 @@ def _split(value: Any, size: int) -> list[Any]:
         if value.ndim > 0 and value.shape[0] == size:
             return list(value.unbind(0))
     return [value] * size
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn`` captured into a new ``torch.cuda.CUDAGraph`` on ``device``: (the graph, ``fn``'s outputs).
+
+    Each capture gets a stream of its own, and a failed capture gives the current stream back: ``torch.cuda.graph``
+    leaves its capture stream current when ending the capture raises, and PyTorch's allocator may keep routing
+    that stream's allocations to the failed capture's pool, so neither must be used again.
+    """
+    with torch.cuda.device(device):
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+                outputs = fn()
+        except BaseException:
+            torch.cuda.set_stream(current)
+            raise
+    return graph, outputs
 
 
 class _SideStream:
@@ -168,7 +194,7 @@ class GraphedFunction:
     def _capture(self, inputs: Sequence[torch.Tensor]) -> tuple[Callable[[], None], list[torch.Tensor], Any] | None:
         static = [t.clone() for t in inputs]
         try:
-            replay, outputs = self._record(lambda: self.fn(*static))
+            replay, outputs = self._record(lambda: self.fn(*static), inputs[0].device)
         except Exception as err:
             if inputs[0].is_cuda:
                 torch.cuda.synchronize(inputs[0].device)
@@ -179,10 +205,8 @@ class GraphedFunction:
         logger.info("cuda_graph: %s captured for inputs of shapes %s.", self.name, [tuple(t.shape) for t in inputs])
         return replay, static, outputs
 
-    def _record(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = fn()
+    def _record(self, fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], None], Any]:
+        graph, outputs = capture_graph(fn, device)
         self._kept.append(graph)
         return graph.replay, outputs
 
@@ -423,9 +447,7 @@ class ICMoETrainer(SupervisedTrainer):
 
     def _record(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         """Capture ``fn`` as a CUDA graph: (its replay, its static outputs). Its kernels run at each replay only."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = fn()
+        graph, outputs = capture_graph(fn, self.state.device)
         self._keep_graphs.append(graph)
         return graph.replay, outputs
 

@@ -194,7 +194,7 @@ class EmulatedGraphedFunction(GraphedFunction):
         self.side_stream_calls += 1
         return fn()
 
-    def _record(self, fn):
+    def _record(self, fn, device):
         if self.fail:
             raise RuntimeError("capture failed")
         self.captures += 1

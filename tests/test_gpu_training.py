@@ -86,21 +86,40 @@ def test_vit_b_step_as_a_cuda_graph(caplog):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_graphed_steps_follow_the_learning_rate_schedule():
-    """The captured optimizer step reads the rate the scheduler writes into the device tensor."""
+def test_graphed_steps_read_the_learning_rate_from_the_device():
+    """The captured optimizer step reads the rate the scheduler writes into the device tensor: a replayed step
+    with the rate set to 0 leaves the weights as they are, the next one (rate back) moves them; the schedule
+    fills the same tensor without a host sync."""
     from ic_moe_monai.engines import WarmupCosineSchedule
 
-    trainer, _, _ = _trainer("bfloat16", True, steps=8)
-    scheduler = WarmupCosineSchedule(trainer.optimizer, warmup_steps=2, t_total=8, warmup_multiplier=0.1)
-    rates = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: rates.append(float(e.optimizer.param_groups[0]["lr"]))
-    )
+    trainer, network, _ = _trainer("bfloat16", True, steps=9)
     lr = trainer.optimizer.param_groups[0]["lr"]
+    params = [p for p in network.parameters() if p.requires_grad]
+    seen = {}
+
+    def before(engine) -> None:
+        if engine.state.iteration in (7, 8):
+            lr.fill_(0.0 if engine.state.iteration == 7 else 1e-3)
+            seen[engine.state.iteration] = [p.detach().clone() for p in params]
+
+    def after(engine) -> None:
+        if engine.state.iteration in (7, 8):
+            kept = seen[engine.state.iteration]
+            seen[engine.state.iteration] = all(torch.equal(a, p) for a, p in zip(kept, params, strict=True))
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, before)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, after)
     trainer.run()
+    assert any(g is not None for g in trainer._graphs.values())
+    assert seen == {7: True, 8: False}
+    scheduler = WarmupCosineSchedule(trainer.optimizer, warmup_steps=2, t_total=8, warmup_multiplier=0.1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            scheduler.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert trainer.optimizer.param_groups[0]["lr"] is lr and lr.is_cuda
-    assert len(set(rates)) == len(rates)
 
 
 def test_clicked_batches_train_on_cuda(caplog):
