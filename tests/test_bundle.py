@@ -165,6 +165,23 @@ def test_multi_process_gloo_training(tmp_path, tiny_task):
 
 
 @pytest.mark.slow
+def test_baseline_unet_trains_with_the_same_pipeline(tmp_path, tiny_task):
+    """The plain 2D U-Net profile: same device slice sampling, trainer and loss (Dice + CE on its logits)."""
+    result = bundle_cli(
+        "run", "training", "--config_file", configs("train.json", "baseline_unet.json"), "--dataset_dir",
+        str(tiny_task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "1", *TINY,
+    )  # fmt: skip
+    assert "loss_dice_ce" in result.stdout + result.stderr
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "baseline_unet.json")])
+    parser.get_parsed_content("network_def").load_state_dict(state)
+
+
+@pytest.mark.slow
 def test_mlflow_tracking_local_store(tmp_path, tiny_task):
     bundle_cli(
         "run", "training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_task),
