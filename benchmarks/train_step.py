@@ -1,7 +1,7 @@
 """Training speed: the pure step against the bundle's real training iteration, and epochs per minute.
 
     python benchmarks/train_step.py --dataset_dir <msd_hippocampus> [--profiles lite,sam_vit_b] [--device auto]
-        [--pure_steps 30] [--epochs 3] [--max_train_cases N] [--max_val_cases N] [--steps_per_epoch N]
+        [--pure_steps 30] [--epochs 2] [--max_train_cases N] [--max_val_cases N] [--steps_per_epoch N]
         [--out benchmarks/results/train_step.json] [--profile_dir DIR]
 
 For each profile (``lite``: 32 slices of 64²; ``sam_vit_b``: 8 slices of 256², random weights):
@@ -12,10 +12,10 @@ For each profile (``lite``: 32 slices of 64²; ``sam_vit_b``: 8 slices of 256²,
     the warm-up and capture iterations are left out and reported apart;
 (b) the bundle's real training iteration: ``train#trainer`` built from ``train.json`` + the profile by MONAI's
     ConfigParser on the real dataset (device slice sampling and augmentation, click prompts as the profile sets
-    them, loss-term averaging, logging, checkpoints), a few short epochs without validation; iteration times of the
+    them, loss-term averaging, logging, checkpoints), a few epochs without validation; iteration times of the
     epochs after the first (which holds warm-up and capture, reported apart); the ratio (b) / (a graphed); for a
-    profile with click prompts, two more epochs with them off on the same trainer; one validation run timed after
-    an untimed one; epochs per minute with and without validation;
+    profile with click prompts, one more epoch with them off on the same trainer; validation run twice (the first
+    with one-time costs); epochs per minute with and without validation;
 (c) ``torch.profiler`` tables of a few pure steps (eager and graphed) in ``--profile_dir``, and the aten ops of one
     eager step, one clicked step and one click-placing forward (what a CUDA graph saves the host).
 
@@ -276,10 +276,10 @@ def bundle_training(parser: ConfigParser, device: torch.device, epochs: int) -> 
     result = {"build_s": build_s, "steps_per_epoch": trainer.state.epoch_length,
               "batch": getattr(trainer.data_loader, "batch_size", None), "click_prob": click_prob}  # fmt: skip
     result.update(_iteration_stats(timer.times(), clicked, epoch_timer.seconds))
-    if click_prob > 0:  # the same trainer, two more epochs without clicks
+    if click_prob > 0:  # the same trainer, one more epoch without clicks
         prepare.prob = 0.0
         first = len(timer.marks)
-        trainer.state.max_epochs += 2
+        trainer.state.max_epochs += 1
         trainer.run()
         times = timer.times()[first:]
         later = {e: s for e, s in epoch_timer.seconds.items() if e > epochs}
@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--profiles", default="lite,sam_vit_b")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--pure_steps", type=int, default=30, help="iterations of each pure-step run")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the bundle run (the first one is warm-up)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the bundle run (the first one is warm-up)")
     ap.add_argument("--max_train_cases", type=int, default=None)
     ap.add_argument("--max_val_cases", type=int, default=None)
     ap.add_argument("--steps_per_epoch", type=int, default=None, help="default: the bundle's")
