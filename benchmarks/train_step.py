@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --dataset_dir <msd_hippocampus> [--profiles lite,sam_vit_b] [--device auto]
         [--pure_steps 30] [--epochs 2] [--max_train_cases N] [--max_val_cases N] [--steps_per_epoch N]
-        [--out benchmarks/results/train_step.json] [--profile_dir DIR]
+        [--set KEY=JSON ...] [--out benchmarks/results/train_step.json] [--profile_dir DIR]
 
 For each profile (``lite``: 32 slices of 64²; ``sam_vit_b``: 8 slices of 256², random weights):
 
@@ -149,6 +149,9 @@ def _parser(profile: str, args: argparse.Namespace, device: torch.device, run_di
         "steps_per_epoch": args.steps_per_epoch, "device": f"$torch.device('{device}')",
         "amp": device.type == "cuda",
     }  # fmt: skip
+    for item in args.set or []:  # e.g. click_prob=0.5
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     for key, value in overrides.items():
         parser[key] = value
     return parser
@@ -337,6 +340,7 @@ def main() -> None:
     ap.add_argument("--max_val_cases", type=int, default=None)
     ap.add_argument("--steps_per_epoch", type=int, default=None, help="default: the bundle's")
     ap.add_argument("--num_workers", type=int, default=4, help="threads that load and cache the volumes")
+    ap.add_argument("--set", action="append", help="config override key=JSON value, e.g. click_prob=0.5 (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     ap.add_argument("--profile_dir", default=None, help="torch.profiler tables (default: beside --out)")
     args = ap.parse_args()
