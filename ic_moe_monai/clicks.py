@@ -6,6 +6,12 @@ click simulation of interactive segmentation work (SAM's iterative point samplin
 first click goes into the interior of the network's current error for that class (foreground where it missed,
 background where it over-segmented), and up to ``max_clicks - 1`` further clicks land inside the class or in a band
 just outside it. The target stays the full labelmap, so the clicked and the automatic path learn the same task.
+
+Two implementations of the same rules: :func:`simulate_clicks` (NumPy / SciPy, per slice, clicks drawn in
+proportion to the exact Euclidean distance to the region's edge) and :func:`device_clicks` (batched tensor ops on
+the batch's device, without a host sync, so that a training step with clicks can run as a CUDA graph; clicks drawn
+in proportion to the chessboard distance to the edge, capped at ``max_depth`` pixels). :class:`ClickPromptBatch`
+uses the second.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
+from ic_moe_monai.amp import autocast
+from ic_moe_monai.engines import GraphedFunction
 from ic_moe_monai.inferers import _logits, channel_argmax
 
-__all__ = ["ClickPromptBatch", "simulate_clicks"]
+__all__ = ["ClickPromptBatch", "device_clicks", "simulate_clicks"]
 
 PAD = -1  # SAM's label for "no point"
 
@@ -107,23 +116,147 @@ def simulate_clicks(
     return points.to(label.device), labels.to(label.device)
 
 
+def _interior_depth(region: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """Chessboard distance of each pixel of ``region (B, H, W)`` to the region's edge, capped at ``max_depth``
+    (0 outside; beyond the image border counts as inside, as for SciPy's distance transform)."""
+    current = region.float()[:, None]
+    depth = current.clone()
+    for _ in range(max_depth - 1):
+        current = -F.max_pool2d(-current, 3, stride=1, padding=1)  # erosion by a 3 × 3 square
+        depth = depth + current
+    return depth[:, 0]
+
+
+def _dilate(region: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Binary dilation by the 4-neighbour cross, ``iterations`` times (SciPy's ``binary_dilation`` default)."""
+    current = region.float()[:, None]
+    for _ in range(iterations):
+        current = torch.maximum(
+            F.max_pool2d(current, (3, 1), stride=1, padding=(1, 0)),
+            F.max_pool2d(current, (1, 3), stride=1, padding=(0, 1)),
+        )
+    return current[:, 0] > 0
+
+
+def _draw_pixels(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One pixel index per slice of ``weights (B, N)``, with probability ∝ weight (exponential race: the largest
+    ``log(u) / w`` wins; zero weights never do)."""
+    u = torch.rand(weights.shape, generator=generator, device=weights.device).clamp_min(1e-12)
+    return (u.log() / weights).argmax(dim=1)
+
+
+def device_clicks(
+    label: torch.Tensor,
+    pred: torch.Tensor | None = None,
+    num_classes: int = 1,
+    max_clicks: int = 3,
+    band: int = 3,
+    max_depth: int = 16,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM point prompts for a batch of slices, by the rules of :func:`simulate_clicks`, as batched tensor ops.
+
+    Nothing is read on the host and every shape is fixed, so it runs inside a CUDA graph. Slot 0 holds the first
+    click (on the larger error of the chosen class, else inside it; a background click anywhere on a slice with
+    nothing to segment), slots 1 … ``max_clicks - 1`` the further clicks; unused slots are padding (label -1).
+    Clicks land in proportion to the chessboard distance to the edge of their region, capped at ``max_depth``.
+
+    Args:
+        label: ``(B, 1, H, W)`` or ``(B, H, W)`` ground-truth labels.
+        pred: optional current prediction, same shape.
+        num_classes: foreground classes K (labels 1 … K).
+        max_clicks: clicks per slice.
+        band: width in pixels of the band outside the object where background clicks land.
+        max_depth: cap of the distance weights.
+        generator: random generator on the labels' device (default: the global one, which CUDA graphs can capture).
+
+    Returns:
+        ``points (B, max_clicks, 2)`` as (x = column, y = row) and ``point_labels (B, max_clicks)`` (1 foreground,
+        0 background, -1 padding), on the labels' device.
+    """
+    if max_clicks < 1:
+        raise ValueError(f"max_clicks must be at least 1, got {max_clicks}.")
+    gt = label.reshape(label.shape[0], *label.shape[-2:]).long()
+    b, height, width = gt.shape
+    device = gt.device
+    classes = torch.arange(1, num_classes + 1, device=device)
+    present = (gt.flatten(1)[:, :, None] == classes).any(dim=1)  # (B, K)
+    if pred is not None:
+        pred = pred.reshape(gt.shape).long()
+        present = present | (pred.flatten(1)[:, :, None] == classes).any(dim=1)
+    scores = torch.rand(b, num_classes, generator=generator, device=device).masked_fill(~present, -1.0)
+    target = scores.argmax(dim=1) + 1  # a present class, uniformly
+    anything = present.any(dim=1)
+    inside = gt == target[:, None, None]
+
+    def any_pixel(region: torch.Tensor) -> torch.Tensor:
+        return region.flatten(1).any(dim=1)
+
+    # first click: the larger error of the chosen class (foreground where missed, background where over-segmented)
+    if pred is not None:
+        missed = inside & (pred != target[:, None, None])
+        extra = (pred == target[:, None, None]) & ~inside
+        larger_missed = missed.flatten(1).sum(1) >= extra.flatten(1).sum(1)
+        region = torch.where(larger_missed[:, None, None], missed, extra)
+        first_positive = larger_missed.long()
+        on_error = any_pixel(region)
+        region = torch.where(on_error[:, None, None], region, inside)  # no error: a click inside the class
+        first_positive = torch.where(on_error, first_positive, 1)
+    else:
+        region, first_positive = inside, torch.ones(b, dtype=torch.long, device=device)
+    regions, positives, valid = [region], [first_positive], [any_pixel(region)]
+
+    # further clicks: each inside the class or in a band just outside it, up to max_clicks in all
+    near = _dilate(inside, band) & ~inside
+    further = torch.randint(0, max_clicks, (b,), generator=generator, device=device)
+    for slot in range(1, max_clicks):
+        positive = torch.rand(b, generator=generator, device=device) < 0.5
+        region = torch.where(positive[:, None, None], inside, near)
+        regions.append(region)
+        positives.append(positive.long())
+        valid.append(any_pixel(region) & (further >= slot))
+
+    regions_t = torch.stack(regions, dim=1).flatten(0, 1)  # (B * max_clicks, H, W)
+    weights = _interior_depth(regions_t, max_depth).flatten(1)
+    pixel = _draw_pixels(weights, generator).view(b, max_clicks)
+    labels = torch.where(torch.stack(valid, dim=1), torch.stack(positives, dim=1), PAD)
+    # a slice with nothing to segment, or no click at all: one background click on a random pixel
+    fallback = ~anything | (labels[:, 0] == PAD)
+    anywhere = torch.randint(0, height * width, (b,), generator=generator, device=device)
+    pixel[:, 0] = torch.where(fallback, anywhere, pixel[:, 0])
+    labels[:, 0] = torch.where(fallback, 0, labels[:, 0])
+    labels[:, 1:] = labels[:, 1:].masked_fill(~anything[:, None], PAD)
+    points = torch.stack([pixel % width, pixel // width], dim=-1).float()
+    return points.masked_fill((labels == PAD)[..., None], 0.0), labels
+
+
 class ClickPromptBatch:
     """``prepare_batch`` for MONAI's ``SupervisedTrainer`` that adds simulated SAM point prompts to some batches.
 
     With probability ``prob`` a batch gets ``points`` / ``point_labels`` keyword arguments for the network (the
     others stay prompt-free, so the automatic mode keeps being trained). When ``network`` is given, its prediction
-    on the batch (one extra forward without gradients) places the first click of each slice on its error.
+    on the batch (one extra forward without gradients) places the first click of each slice on its error. On CUDA
+    the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the
+    forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.engines.GraphedFunction`): a clicked batch
+    costs the host two graph launches (this one and the trainer's step). On the CPU, :func:`simulate_clicks` (exact
+    distance transform, faster there).
 
     The batch-level draw uses its own generator seeded with ``seed``, so every rank of a distributed run makes the
-    same choice at each iteration and runs the same number of forwards.
+    same choice at each iteration and runs the same number of forwards. Click positions use ``seed`` plus the rank
+    on the CPU, and torch's global generator on CUDA (the one a CUDA graph can capture).
 
     Args:
         network: the network being trained (plain or DistributedDataParallel); ``None`` for clicks from labels only.
         prob: share of batches that get clicks.
         max_clicks: clicks per slice at most.
         band: width in pixels of the band outside the object where background clicks land.
-        amp: run the error-finding forward under autocast (as the trainer does with ``amp``).
-        seed: seed of the batch-level draw; click positions use ``seed`` plus the process rank.
+        amp: run the error-finding forward under autocast on CUDA (as the trainer does with ``amp``).
+        amp_dtype: its dtype (``"auto"``: bfloat16 where supported; see :mod:`ic_moe_monai.amp`).
+        seed: seed of the batch-level draw.
+        num_classes: foreground classes K; default: from the network's output (or, without a network, from the
+            labels, which reads them on the host).
+        max_depth: cap of the distance weights of :func:`device_clicks`.
+        cuda_graph: run the error-finding forward and the clicks as a CUDA graph on CUDA.
         image_key, label_key: keys of the batch dictionary.
     """
 
@@ -134,22 +267,33 @@ class ClickPromptBatch:
         max_clicks: int = 3,
         band: int = 3,
         amp: bool = False,
+        amp_dtype: str | torch.dtype | None = "auto",
         seed: int = 0,
+        num_classes: int | None = None,
+        max_depth: int = 16,
+        cuda_graph: bool = False,
         image_key: str = "image",
         label_key: str = "label",
     ) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {prob}.")
+        if max_clicks < 1:
+            raise ValueError(f"max_clicks must be at least 1, got {max_clicks}.")
         self.network = network
         self.prob = prob
         self.max_clicks = max_clicks
         self.band = band
         self.amp = amp
+        self.amp_dtype = amp_dtype
+        self.num_classes = num_classes
+        self.max_depth = max_depth
         self.image_key, self.label_key = image_key, label_key
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
         self._draw = random.Random(seed)
-        self._rng = np.random.default_rng(seed + rank)
+        self._rng = np.random.default_rng(seed + (torch.distributed.get_rank() if distributed else 0))
+        # not under DistributedDataParallel: its forward may talk to the other ranks, which a graph must not record
+        ddp = isinstance(network, torch.nn.parallel.DistributedDataParallel)
+        self._prompts = GraphedFunction(self._click_prompts, enabled=cuda_graph and not ddp, name="click prompts")
 
     def __call__(
         self,
@@ -163,11 +307,21 @@ class ClickPromptBatch:
         label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         if self._draw.random() >= self.prob:
             return image, label
-        pred = None if self.network is None else self._predict(image)
-        points, point_labels = simulate_clicks(label, pred, self.max_clicks, self.band, self._rng)
+        points, point_labels = self._prompts(image, label)
         return image, label, (), {"points": points, "point_labels": point_labels}
 
+    def _click_prompts(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, num_classes = None, self.num_classes
+        if self.network is not None:
+            logits = self._logits(image)
+            pred, num_classes = channel_argmax(logits), num_classes or logits.shape[1] - 1
+        if not image.is_cuda:  # on the CPU, SciPy's exact distance transform per slice is the faster of the two
+            return simulate_clicks(label, pred, self.max_clicks, self.band, self._rng)
+        if num_classes is None:
+            num_classes = int(label.max())
+        return device_clicks(label, pred, num_classes, self.max_clicks, self.band, self.max_depth)
+
     @torch.no_grad()
-    def _predict(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=image.device.type, enabled=self.amp):
-            return channel_argmax(_logits(self.network(image)))
+    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+        with autocast(image.device, self.amp, self.amp_dtype):
+            return _logits(self.network(image))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "CaseMetricsWriter",
     "LossTermsAverager",
     "ResumeCheckpointLoader",
+    "iteration_log_filter",
     "latest_checkpoint",
     "load_pretrained_weights",
 ]
@@ -33,18 +34,22 @@ class LossTermsAverager:
     """Average each term of :class:`~ic_moe_monai.losses.ICMoELoss` over an epoch into ``engine.state.metrics``
     as ``loss_<term>``, so MONAI's StatsHandler, TensorBoardStatsHandler and MLFlowHandler log every term.
 
-    Attach it before those handlers (handlers run in attach order).
+    The sums stay on the device (the loss's ``last_values``, added after every iteration) and are read once, when
+    the epoch completes, so the training loop never waits for the device to log. A loss that offers only a
+    ``last_terms`` dict of floats is averaged on the host. Attach it before the logging handlers (handlers run in
+    attach order).
 
     Args:
-        loss: the loss object; its ``last_terms`` dict is read after every iteration.
+        loss: the loss object; its ``last_values`` / ``term_names`` (or ``last_terms``) are read after every
+            iteration.
         prefix: metric name prefix.
     """
 
     def __init__(self, loss: Any, prefix: str = "loss_") -> None:
         self.loss = loss
         self.prefix = prefix
-        self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
+        self._sums: dict[tuple[str, ...], torch.Tensor] = {}
+        self._counts: dict[tuple[str, ...], int] = defaultdict(int)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -53,16 +58,43 @@ class LossTermsAverager:
 
     def _reset(self, engine: Engine) -> None:
         self._sums.clear()
-        self._count = 0
+        self._counts.clear()
 
     def _accumulate(self, engine: Engine) -> None:
-        for name, value in getattr(self.loss, "last_terms", {}).items():
-            self._sums[name] += value
-        self._count += 1
+        values = getattr(self.loss, "last_values", None)
+        if values is not None:
+            names = tuple(self.loss.term_names)
+        else:
+            terms = getattr(self.loss, "last_terms", {})
+            if not terms:
+                return
+            names, values = tuple(terms), torch.tensor(list(terms.values()), dtype=torch.float64)
+        total = self._sums.get(names)
+        if total is None:
+            self._sums[names] = values.detach().clone()
+        else:
+            total.add_(values.detach())
+        self._counts[names] += 1
 
     def _publish(self, engine: Engine) -> None:
-        for name, total in self._sums.items():
-            engine.state.metrics[f"{self.prefix}{name}"] = total / max(self._count, 1)
+        for names, total in self._sums.items():
+            means = (total / self._counts[names]).tolist()  # the epoch's one host sync
+            for name, value in zip(names, means, strict=True):
+                engine.state.metrics[f"{self.prefix}{name}"] = value
+
+
+def iteration_log_filter(every: int) -> Callable[[Engine, int], bool]:
+    """An ignite event filter for the ``iteration_log`` of MONAI's StatsHandler / TensorBoardStatsHandler: every
+    ``every``-th iteration and the last of each epoch. Logging the loss reads it on the host, which waits for the
+    device; doing it every iteration would keep a GPU from running ahead of the host.
+    """
+    every = max(1, int(every))
+
+    def _filter(engine: Engine, iteration: int) -> bool:
+        length = engine.state.epoch_length
+        return iteration % every == 0 or bool(length and iteration % length == 0)
+
+    return _filter
 
 
 class TrainingTimeLimit:

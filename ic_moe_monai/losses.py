@@ -28,12 +28,17 @@ __all__ = [
     "token_labels",
 ]
 
+# logit for masked pairs / classes: exp() of it is 0 next to real logits (|logit| ≤ 1/τ), and, unlike -inf, a row
+# with nothing left stays finite (no NaN in forward or backward); representable in float16 and bfloat16
+_MASKED = -1.0e4
+
 
 def token_labels(target: torch.Tensor, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
     """Label map ``(B, 1, H, W)`` (or ``(B, H, W)``) → class fractions per token ``(B, h, w, num_classes)``."""
-    if target.ndim == 4:
-        target = target[:, 0]
-    one_hot = F.one_hot(target.long(), num_classes).permute(0, 3, 1, 2).float()
+    if target.ndim == 3:
+        target = target[:, None]
+    # a comparison rather than F.one_hot, which reads the labels' range on the host (a device sync) off CUDA
+    one_hot = (target.long() == torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)).float()
     return F.adaptive_avg_pool2d(one_hot, grid).permute(0, 2, 3, 1)
 
 
@@ -95,44 +100,69 @@ def semantic_contrastive_loss(
 
     Tokens of the same ground-truth class are positives, all others negatives (Khosla et al. 2020). Each class's
     prototype is the normalised mean embedding of its tokens in the batch, and every token is also pulled to its
-    own prototype against the others'. Tokens are sampled class-balanced (at most ``max_tokens``), so small
-    structures are not drowned by background.
+    own prototype against the other present classes' prototypes. Tokens are sampled class-balanced, so small
+    structures are not drowned by background: up to ``max_tokens // C`` tokens of each of the C classes (a class
+    with fewer tokens gives all of them). The loss is zero when fewer than two classes are present.
+
+    Free of host syncs and of data-dependent shapes (so a training step can run as one CUDA graph): the sample is
+    always ``C × (max_tokens // C)`` slots, drawn per class by random scores and ``topk``, with a mask for the slots
+    of classes that have fewer tokens; prototypes are one matmul with the one-hot labels. (Before, the quota was
+    ``max_tokens // (classes present)``; now absent classes keep their empty slots.)
 
     Args:
-        embeddings: ``(B, h, w, d)`` token embeddings; labels: ``(B, h, w, C)`` token class fractions.
+        embeddings: ``(B, h, w, d)`` token embeddings.
+        labels: ``(B, h, w, C)`` token class fractions; each token's class is their argmax.
+        temperature: τ of both terms.
+        max_tokens: size of the class-balanced token sample.
+        generator: random generator on the embeddings' device (default: the global one).
     """
     z = F.normalize(embeddings.reshape(-1, embeddings.shape[-1]), dim=-1)
-    hard = labels.reshape(-1, labels.shape[-1]).argmax(dim=-1)
-    classes = hard.unique()
-    if len(classes) < 2:
-        return z.sum() * 0.0  # nothing to contrast; keeps the graph
-    prototypes = F.normalize(torch.stack([z[hard == c].mean(dim=0) for c in classes]), dim=-1)
-    per_class = max(1, max_tokens // len(classes))
-    picked = []
-    for c in classes:
-        idx = (hard == c).nonzero().squeeze(1)
-        order = torch.randperm(len(idx), generator=generator, device="cpu").to(idx.device)
-        picked.append(idx[order[:per_class]])
-    idx = torch.cat(picked)
-    zs, ys = z[idx], hard[idx]
+    num_tokens, num_classes = z.shape[0], labels.shape[-1]
+    hard = labels.reshape(-1, num_classes).argmax(dim=-1)
+    member = hard[:, None] == torch.arange(num_classes, device=z.device)  # (N, C)
+    counts = member.sum(dim=0)  # (C,)
+    present = counts > 0
+    onehot = member.to(z.dtype)
+    prototypes = F.normalize((onehot.t() @ z) / counts.clamp_min(1).unsqueeze(1).to(z.dtype), dim=-1)  # (C, d)
 
-    sim = zs @ zs.t() / temperature
-    self_mask = torch.eye(len(idx), dtype=torch.bool, device=z.device)
-    log_prob = sim.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
-    positives = (ys[:, None] == ys[None, :]) & ~self_mask
-    has_pos = positives.any(dim=1)
-    supcon = -(log_prob.masked_fill(~positives, 0.0).sum(dim=1)[has_pos] / positives.sum(dim=1)[has_pos]).mean()
+    # class-balanced sample without replacement: the top random scores among each class's tokens
+    per_class = min(max(1, max_tokens // num_classes), num_tokens)
+    scores = torch.rand(num_tokens, device=z.device, generator=generator)
+    top = torch.where(member, scores[:, None], -1.0).topk(per_class, dim=0)  # (per_class, C)
+    idx = top.indices.t().reshape(-1)  # (M,), class-major
+    valid = (top.values >= 0).t().reshape(-1)
+    ys = torch.arange(num_classes, device=z.device)[:, None].expand(num_classes, per_class).reshape(-1)
+    zs = z[idx]
 
-    proto_target = torch.searchsorted(classes, ys)
-    anchored = F.cross_entropy(zs @ prototypes.t() / temperature, proto_target)
-    return supcon + anchored
+    # supervised contrastive over the valid sampled tokens (each anchor against all other valid tokens)
+    eye = torch.eye(len(idx), dtype=torch.bool, device=z.device)
+    pairs = valid[:, None] & valid[None, :] & ~eye
+    sim = (zs @ zs.t()) / temperature
+    log_prob = sim.masked_fill(~pairs, _MASKED).float().log_softmax(dim=1)  # finite even for empty rows
+    positives = pairs & (ys[:, None] == ys[None, :])
+    num_pos = positives.sum(dim=1)
+    per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / num_pos.clamp_min(1)
+    has_pos = num_pos > 0
+    supcon = (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
+
+    # every valid token against the present classes' prototypes
+    proto_logits = ((zs @ prototypes.t()) / temperature).masked_fill(~present[None, :], _MASKED).float()
+    anchored = (F.cross_entropy(proto_logits, ys, reduction="none") * valid).sum() / valid.sum().clamp_min(1)
+
+    loss = supcon + anchored
+    return torch.where(present.sum() >= 2, loss, loss * 0.0)  # nothing to contrast: zero, graph kept
 
 
 class ICMoELoss(nn.Module):
-    """Total IC-MoE loss; each term has its own weight and its last value is kept in :attr:`last_terms`.
+    """Total IC-MoE loss; each term has its own weight and its last value is kept for logging.
 
     Called as ``loss(outputs, target)`` with the network's train-mode dict (or a bare logits tensor, for which
     only Dice + CE apply) and a label map ``(B, 1, H, W)`` of class indices.
+
+    The terms' last values stay on the device, detached, in one tensor (:attr:`last_values`, in the order of
+    :attr:`term_names`, ``total`` last), so a training step never waits for the device to log them.
+    :attr:`last_terms` gives them as ``{name: float}`` and syncs only when read. The values are written in place
+    into the same buffer at every call, so a step replayed as a CUDA graph updates them too.
 
     Args:
         num_classes: foreground classes K (the logits have K + 1 channels).
@@ -179,7 +209,35 @@ class ICMoELoss(nn.Module):
         self.temperature = temperature
         self.router_temperature = router_temperature
         self.max_contrastive_tokens = max_contrastive_tokens
-        self.last_terms: dict[str, float] = {}
+        self._term_names: tuple[str, ...] = ()
+        self._last_values: torch.Tensor | None = None
+        self._buffers: dict[tuple[str, ...], torch.Tensor] = {}
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Names of the values in :attr:`last_values`: the terms of the last call, then ``"total"``."""
+        return self._term_names
+
+    @property
+    def last_values(self) -> torch.Tensor | None:
+        """The last call's terms and total, detached, on the loss's device (no host sync); ``None`` before a call."""
+        return self._last_values
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        """Each term's last value and the total as floats (one host sync, when read)."""
+        if self._last_values is None:
+            return {}
+        return dict(zip(self._term_names, self._last_values.tolist(), strict=True))
+
+    def _keep(self, terms: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        names = (*terms, "total")
+        values = [value.detach().float() for value in (*terms.values(), total)]
+        buffer = self._buffers.get(names)
+        if buffer is None or buffer.device != total.device:
+            buffer = self._buffers[names] = torch.zeros(len(names), device=total.device)
+        torch.stack(values, out=buffer)  # one kernel, in place
+        self._term_names, self._last_values = names, buffer
 
     def forward(self, outputs: Mapping[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.ndim == 3:
@@ -198,6 +256,5 @@ class ICMoELoss(nn.Module):
                 outputs["embeddings"], labels, self.temperature, self.max_contrastive_tokens
             )
         total = sum(self.weights[name] * value for name, value in terms.items())
-        self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
-        self.last_terms["total"] = float(total.detach())
+        self._keep(terms, total)
         return total

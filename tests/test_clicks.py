@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.clicks import ClickPromptBatch, simulate_clicks
+from ic_moe_monai.clicks import ClickPromptBatch, device_clicks, simulate_clicks
 from ic_moe_monai.handlers import load_pretrained_weights
 from ic_moe_monai.networks import ICMoE
+from tests.test_slice_sampling import NoHostSyncOrData
 
 
 def _square_label(batch: int = 4, size: int = 32) -> torch.Tensor:
@@ -23,25 +24,45 @@ def _at(label: torch.Tensor, i: int, point: torch.Tensor) -> int:
     return int(label[i, 0, row, col])
 
 
-def test_clicks_from_labels_lie_inside_or_near_one_class():
-    label = _square_label()
-    points, point_labels = simulate_clicks(label, max_clicks=3, rng=np.random.default_rng(0))
-    assert points.shape == (4, 3, 2) and point_labels.shape == (4, 3)
-    for i in range(4):
+def _numpy_clicks(label, pred=None, max_clicks=3, seed=0):
+    return simulate_clicks(label, pred, max_clicks, rng=np.random.default_rng(seed))
+
+
+def _device_clicks(label, pred=None, max_clicks=3, seed=0):
+    return device_clicks(
+        label, pred, num_classes=2, max_clicks=max_clicks, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+BOTH = pytest.mark.parametrize("clicks", [_numpy_clicks, _device_clicks], ids=["numpy", "device"])
+
+
+@BOTH
+def test_clicks_from_labels_lie_inside_or_near_one_class(clicks):
+    label = _square_label(batch=16)
+    points, point_labels = clicks(label, max_clicks=3)
+    assert points.shape == (16, 3, 2) and point_labels.shape == (16, 3)
+    for i in range(16):
         real = point_labels[i] >= 0
-        assert real.any() and (point_labels[i][~real] == -1).all()
+        assert real[0] and (point_labels[i][~real] == -1).all()
         assert point_labels[i, 0] == 1  # without a prediction, the first click is on the object
         target = _at(label, i, points[i, 0])
         assert target in (1, 2)
         for point, positive in zip(points[i][real], point_labels[i][real], strict=True):
             value = _at(label, i, point)
             assert (value == target) if positive == 1 else (value != target)
+            if positive == 0:  # a background click lies in the 3-pixel band around the object
+                col, row = (int(v) for v in point)
+                near = label[i, 0, max(row - 3, 0) : row + 4, max(col - 3, 0) : col + 4] == target
+                assert near.any()
+    assert (point_labels >= 0).sum(1).float().mean() > 1.5  # further clicks are drawn
 
 
-def test_first_click_corrects_the_larger_error():
+@BOTH
+def test_first_click_corrects_the_larger_error(clicks):
     label = _square_label(batch=1)
     missed = torch.zeros_like(label)  # nothing predicted: the first click is a foreground click on the object
-    points, point_labels = simulate_clicks(label, missed, rng=np.random.default_rng(1))
+    points, point_labels = clicks(label, missed, seed=1)
     assert point_labels[0, 0] == 1 and _at(label, 0, points[0, 0]) != 0
 
     only_one = torch.zeros_like(label)
@@ -49,17 +70,32 @@ def test_first_click_corrects_the_larger_error():
     over = only_one.clone()
     over[0, 0, 0:6, 24:32] = 1  # a false positive of class 1, larger than nothing missed
     for seed in range(5):
-        points, point_labels = simulate_clicks(only_one.clone(), over, rng=np.random.default_rng(seed))
+        points, point_labels = clicks(only_one.clone(), over, seed=seed)
         assert point_labels[0, 0] == 0
         col, row = (int(v) for v in points[0, 0])
         assert 0 <= row < 6 and 24 <= col < 32
 
 
-def test_empty_slice_gets_one_background_click():
-    _, point_labels = simulate_clicks(torch.zeros(2, 1, 16, 16, dtype=torch.int64), max_clicks=2)
+@BOTH
+def test_empty_slice_gets_one_background_click(clicks):
+    _, point_labels = clicks(torch.zeros(2, 1, 16, 16, dtype=torch.int64), max_clicks=2)
     assert (point_labels[:, 0] == 0).all() and (point_labels[:, 1] == -1).all()
     with pytest.raises(ValueError, match="max_clicks"):
-        simulate_clicks(torch.zeros(1, 1, 8, 8), max_clicks=0)
+        clicks(torch.zeros(1, 1, 8, 8), max_clicks=0)
+
+
+def test_device_clicks_favour_the_interior_and_never_sync():
+    """Clicks land in proportion to the distance to the region's edge (capped), with no host read: they can be
+    part of a CUDA graph."""
+    label = torch.zeros(512, 1, 40, 40, dtype=torch.int64)
+    label[:, :, 5:35, 5:35] = 1
+    with NoHostSyncOrData():
+        points, point_labels = device_clicks(label, num_classes=1, max_clicks=1, max_depth=16)
+    rows, cols = points[:, 0, 1], points[:, 0, 0]
+    edge_distance = torch.minimum(torch.minimum(rows - 5, 34 - rows), torch.minimum(cols - 5, 34 - cols)) + 1
+    assert (point_labels[:, 0] == 1).all() and (edge_distance >= 1).all()
+    # uniform over the square gives a mean distance of about 5.5; weighting by the distance about 8
+    assert edge_distance.float().mean() > 7
 
 
 def test_prompt_batch_probability_and_same_draws_on_every_rank():

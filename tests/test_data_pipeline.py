@@ -91,19 +91,43 @@ def test_slice_neighbors():
 
 
 def test_training_pipeline_yields_true_neighbour_stacks(hippocampus_dir):
+    """The bundle's training loader on real cases: the bank holds the cached preprocessed volumes, and every sample
+    (without augmentation) is a slice with its true neighbours and its own label."""
     parser = ConfigParser()
     parser.read_config(CONFIGS / "train.json")
     parser["dataset_dir"] = str(hippocampus_dir)
-    transform = parser.get_parsed_content("train#preprocessing")
-    case = find_cases(hippocampus_dir)[0]
-    samples = transform(case)
-    assert len(samples) == parser.get_parsed_content("slices_per_volume")
-    for sample in samples:
-        assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
-        assert sample["label"].shape == (1, 64, 64) and sample["label"].dtype == torch.int64
-        assert set(sample["label"].unique().tolist()) <= {0, 1, 2}
-    # 3 of 4 samples are centred on foreground (pos=3, neg=1): most samples contain hippocampus
-    assert sum(bool(s["label"].any()) for s in samples) >= len(samples) // 2
+    parser["max_train_cases"] = 3
+    parser["num_workers"] = 0
+    parser["train#dataloader#augmentation"] = None
+    loader = parser.get_parsed_content("train#dataloader")
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    cases = parser.get_parsed_content("train#dataset#data")
+    volumes = [preprocessing(case) for case in cases]
+    bank = loader.bank
+    assert bank.num_volumes == 3
+    for v, volume in enumerate(volumes):  # padded volumes, (1, 64, 64, Z + 2), slice by slice in the bank
+        start, depth = int(bank.start[v]), int(bank.depth[v])
+        assert volume["image"].shape == (1, 64, 64, depth)
+        torch.testing.assert_close(
+            bank.images[start : start + depth], torch.as_tensor(volume["image"])[0].permute(2, 0, 1)
+        )
+        assert torch.equal(
+            bank.labels[start : start + depth].long(), torch.as_tensor(volume["label"])[0].permute(2, 0, 1).long()
+        )
+
+    batch = next(iter(loader))
+    image, label = batch["image"], batch["label"]
+    batch_size = parser.get_parsed_content("slices_per_volume") * parser.get_parsed_content("volumes_per_batch")
+    assert image.shape == (batch_size, 3, 64, 64) and image.dtype == torch.float32
+    assert label.shape == (batch_size, 1, 64, 64) and label.dtype == torch.int64
+    assert set(label.unique().tolist()) <= {0, 1, 2}
+    for stack, slice_label in zip(image, label, strict=True):
+        centre = int((bank.images - stack[1]).flatten(1).abs().amax(1).argmin())
+        assert torch.equal(bank.images[centre], stack[1])
+        assert torch.equal(bank.images[centre - 1], stack[0]) and torch.equal(bank.images[centre + 1], stack[2])
+        assert torch.equal(bank.labels[centre].long(), slice_label[0])
+    # 3 of 4 samples are drawn on foreground (pos=3, neg=1): most samples contain hippocampus
+    assert sum(bool(s.any()) for s in label) >= len(label) // 2
 
 
 # ------------------------------------------------------------------------------------------------ inferer

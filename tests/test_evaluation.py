@@ -12,7 +12,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from ic_moe_monai.evaluation import case_metrics, summarize
-from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, latest_checkpoint
+from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter, latest_checkpoint
+from tests.sync_check import NoHostSync
 
 
 def _cube(shape, lo, hi, value=1):
@@ -92,6 +93,38 @@ def test_loss_terms_averaged_per_epoch():
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.metrics["loss_dice_ce"]))
     engine.run([0, 1], max_epochs=2)
     assert epochs == [2.0, 6.0]
+
+
+def test_loss_terms_accumulate_on_the_device_without_host_sync():
+    """ICMoELoss's terms are summed on the device during the epoch and read once at its end."""
+    from ic_moe_monai.losses import ICMoELoss
+
+    torch.manual_seed(0)
+    loss_fn = ICMoELoss(num_classes=2)
+    logits = torch.randn(2, 3, 8, 8)
+    targets = [torch.randint(0, 3, (2, 1, 8, 8)) for _ in range(3)]
+    engine = Engine(lambda e, batch: loss_fn(logits, targets[batch]))
+    LossTermsAverager(loss_fn).attach(engine)
+    mode, seen = NoHostSync(), []
+
+    def leave(engine: Engine) -> None:
+        mode.__exit__(None, None, None)
+        seen.append(loss_fn.last_terms)  # read outside the check
+
+    engine.add_event_handler(Events.ITERATION_STARTED, lambda e: mode.__enter__())
+    engine.add_event_handler(Events.ITERATION_COMPLETED, leave)  # after the averager: it ran inside the check
+    engine.run([0, 1, 2], max_epochs=1)
+    for name in ("dice_ce", "total"):
+        assert engine.state.metrics[f"loss_{name}"] == pytest.approx(np.mean([t[name] for t in seen]), rel=1e-6)
+
+
+def test_iteration_log_filter_every_n_and_each_epochs_last():
+    engine = Engine(lambda e, b: None)
+    logged = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=iteration_log_filter(4)),
+                             lambda e: logged.append(e.state.iteration))  # fmt: skip
+    engine.run(range(3), max_epochs=3)
+    assert logged == [3, 4, 6, 8, 9]
 
 
 def test_time_limit_stops_before_the_budget():
