@@ -38,7 +38,8 @@ def case_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return name.removesuffix("_0000")
+    stem = name.removesuffix("_0000")
+    return stem or name  # a file named just "_0000.nii.gz" keeps its name rather than becoming empty
 
 
 def find_images(folder: str | Path) -> list[Path]:

@@ -47,6 +47,7 @@ def test_plain_folder_pair_with_nnunet_names(tmp_path):
     _touch(tmp_path / "images" / "notes.txt")
     cases = find_cases(tmp_path)
     assert [case_name(c["image"]) for c in cases] == ["a", "b", "c"]
+    assert case_name("/x/liver_0000.nii.gz") == "liver" and case_name("/x/_0000.nii.gz") == "_0000"
     assert all(c["label"].endswith(f"labels/{case_name(c['image'])}.nii.gz") for c in cases)
 
 
@@ -184,13 +185,12 @@ def test_sliding_window_mode_and_axis():
         inferer(torch.rand(1, 3, 4, 4, 4), model)
 
 
-def test_volume_stays_on_sw_device():
+def test_output_on_device_and_progress_per_batch():
     model = _trained_like_lite()
     inferer = SliceContextInferer(img_size=64, device="cpu", sw_device="cpu")
     seen = []
-    inferer.progress = lambda done, total: seen.append((done, total))
     with torch.no_grad():
-        out = inferer(torch.rand(1, 1, 64, 64, 40), model)
+        out = inferer(torch.rand(1, 1, 64, 64, 40), model, progress=lambda done, total: seen.append((done, total)))
     assert out.device.type == "cpu" and out.dtype == torch.float32
     assert seen[-1] == (40, 40) and len(seen) == 3  # batches of 16
 
