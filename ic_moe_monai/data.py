@@ -4,21 +4,34 @@ Two layouts are understood:
 
 - an MSD task folder: ``dataset.json`` whose ``training`` list gives ``image`` / ``label`` paths
   (``imagesTr/``, ``labelsTr/``), as the Medical Segmentation Decathlon and nnU-Net v1 ship them;
-- a plain pair of folders, ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/`` without a dataset.json),
-  matched by file name; nnU-Net's channel suffix ``_0000`` on image names is understood.
+- a plain pair of folders, ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/`` without a dataset.json, or
+  with an nnU-Net v2 dataset.json, which has no ``training`` list), matched by file name; nnU-Net's channel suffix
+  ``_0000`` on image names is understood.
+
+:func:`dataset_info` reads what ``dataset.json`` says about the task (label names, modality, name, licence) in
+either format: MSD's ``{"labels": {"1": "liver"}, "modality": {"0": "CT"}}`` and nnU-Net v2's
+``{"labels": {"liver": 1}, "channel_names": {"0": "CT"}}``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ic_moe_monai.errors import ConfigError
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "DatasetError",
+    "DatasetInfo",
     "case_name",
+    "check_dataset_labels",
     "datalist",
+    "dataset_info",
     "find_cases",
     "find_images",
     "split_folds",
@@ -27,7 +40,7 @@ __all__ = [
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
     """A dataset folder that cannot be used; the message names the folder and the problem."""
 
 
@@ -68,10 +81,15 @@ def find_cases(dataset_dir: str | Path) -> list[dict[str, str]]:
 
 def _cases_from_manifest(manifest: Path) -> list[dict[str, str]]:
     try:
-        entries = json.loads(manifest.read_text())["training"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DatasetError(f"{manifest}: not an MSD dataset.json with a 'training' list ({err}).") from err
+        content = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{manifest}: not a readable JSON file ({err}).") from err
     root = manifest.parent
+    entries = content.get("training") if isinstance(content, dict) else None
+    if entries is None:
+        return _cases_from_folders(root)  # nnU-Net v2: no list, the cases are the folders' files
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "label"} <= set(e) for e in entries):
+        raise DatasetError(f"{manifest}: not an MSD dataset.json with a 'training' list of image / label entries.")
     cases = [
         {"image": str((root / e["image"]).resolve()), "label": str((root / e["label"]).resolve())} for e in entries
     ]
@@ -142,3 +160,101 @@ def datalist(
     else:
         raise ValueError(f"section must be 'training', 'validation' or 'all', got {section!r}.")
     return chosen[:max_cases] if max_cases else chosen
+
+
+# ------------------------------------------------------------------------------------------------ dataset.json
+@dataclass
+class DatasetInfo:
+    """What a dataset folder's ``dataset.json`` says about its task (empty fields where it says nothing).
+
+    Attributes:
+        label_names: ``{value: name}``, background included, or None.
+        modalities: the image channels' modality names (e.g. ``["CT"]``), or None.
+        name, description, reference, licence: as given.
+        manifest: the dataset.json read, or None when there is none.
+    """
+
+    label_names: dict[int, str] | None = None
+    modalities: list[str] | None = None
+    name: str = ""
+    description: str = ""
+    reference: str = ""
+    licence: str = ""
+    manifest: Path | None = None
+
+
+def dataset_info(dataset_dir: str | Path) -> DatasetInfo:
+    """Read the task description of ``dataset_dir/dataset.json`` (MSD or nnU-Net v2 format).
+
+    Raises:
+        DatasetError: the folder does not exist, or its dataset.json cannot be read or holds labels that are not
+            ``value: name`` pairs.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root}: no such folder.")
+    manifest = root / "dataset.json"
+    if not manifest.is_file():
+        return DatasetInfo()
+    try:
+        content = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{manifest}: not a readable JSON file ({err}).") from err
+    if not isinstance(content, dict):
+        raise DatasetError(f"{manifest}: not a JSON object.")
+    info = DatasetInfo(manifest=manifest)
+    labels = content.get("labels")
+    if labels:
+        info.label_names = _label_names(labels, manifest)
+    channels = content.get("modality") or content.get("channel_names")
+    if isinstance(channels, Mapping) and channels:
+        info.modalities = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    elif isinstance(channels, str):
+        info.modalities = [channels]
+    info.name = str(content.get("name", ""))
+    info.description = str(content.get("description", ""))
+    info.reference = str(content.get("reference", ""))
+    info.licence = str(content.get("licence", content.get("license", "")))
+    return info
+
+
+def _label_names(labels: Any, manifest: Path) -> dict[int, str]:
+    """MSD's ``{"1": "liver"}`` or nnU-Net v2's ``{"liver": 1}`` → ``{1: "liver"}`` (regions are refused)."""
+    if not isinstance(labels, Mapping):
+        raise DatasetError(f"{manifest}: 'labels' must map label values to names.")
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if str(key).strip().isdigit():
+            names[int(key)] = str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            names[value] = str(key)
+        else:
+            raise DatasetError(f"{manifest}: label {key!r}: {value!r} is not a label value and name (nnU-Net region "
+                               "labels are not supported).")  # fmt: skip
+    return dict(sorted(names.items()))
+
+
+def check_dataset_labels(dataset_dir: str | Path, label_names: Mapping[Any, str]) -> bool:
+    """Refuse to train a bundle on a dataset whose ``dataset.json`` names other labels than the bundle's.
+
+    Names are compared by value, without regard to case; the background's name is not compared. Datasets without a
+    dataset.json or without labels in it pass.
+
+    Returns:
+        True (for a config's ``initialize`` list).
+
+    Raises:
+        DatasetError: one line naming both label sets and the command that makes a bundle for the dataset.
+    """
+    given = dataset_info(dataset_dir).label_names
+    if not given:
+        return True
+    ours = {int(k): str(v) for k, v in label_names.items()}
+    key = {v: n.strip().lower() for v, n in given.items() if v != 0}
+    if key != {v: n.strip().lower() for v, n in ours.items() if v != 0}:
+        theirs = ", ".join(f"{v} {n}" for v, n in given.items() if v != 0)
+        mine = ", ".join(f"{v} {n}" for v, n in ours.items() if v != 0)
+        raise DatasetError(f"{Path(dataset_dir) / 'dataset.json'} names the labels {theirs}; this bundle is for "
+                           f"{mine}: make a bundle for the dataset with `python -m ic_moe_monai init_bundle "
+                           f"{dataset_dir} <new bundle folder>` and train that one.")  # fmt: skip
+    return True

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.metrics.utils import get_edge_surface_distance
 
-__all__ = ["CONVENTIONS", "case_metrics", "summarize", "write_reports"]
+__all__ = ["CONVENTIONS", "case_metrics", "json_safe", "summarize", "write_reports"]
 
 CONVENTIONS = ("monai", "samed")
 
@@ -101,10 +101,25 @@ def summarize(rows: Sequence[Mapping[str, object]], class_names: Mapping[int, st
     return summary
 
 
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by None, so that ``json.dumps`` writes valid JSON
+    (``null``; the standard has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_reports(
     rows: Sequence[Mapping[str, object]], class_names: Mapping[int, str], output_dir: str | Path, convention: str
 ) -> dict[str, dict[str, float]]:
-    """Write ``metrics_per_case.csv``, ``metrics_summary.csv`` and ``metrics_summary.json``; return the summary."""
+    """Write ``metrics_per_case.csv``, ``metrics_summary.csv`` and ``metrics_summary.json``; return the summary.
+
+    Undefined values are ``nan`` in the CSV files and ``null`` in the JSON file (JSON has no NaN).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = ["case"] + [f"{name}_{m}" for name in class_names.values() for m in ("dice", "hd95")]
@@ -120,5 +135,6 @@ def write_reports(
             writer.writerow([name, *(stats.get(k, "") for k in ("mean", "std", "median", "cases", "undefined"))])
     hd_unit = "voxels" if convention == "samed" else "mm"
     payload = {"convention": convention, "hd95_unit": hd_unit, "cases": len(rows), "summary": summary}
-    (output_dir / "metrics_summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    (output_dir / "metrics_summary.json").write_text(text + "\n")
     return summary

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ic_moe_monai.errors import ConfigError
+
 __all__ = ["DeviceSliceLoader", "SliceAugmentation", "SliceBank", "affine_warp"]
 
 
@@ -289,6 +291,8 @@ class DeviceSliceLoader:
         min_steps_per_epoch: floor of the default, so that a few volumes do not make epochs of one or two steps.
         border: padding slices at each end of the cached volumes (the ``BorderPadd`` of the transforms).
         seed: base seed.
+        num_classes: foreground classes K of the network; a label map holding a larger value is refused when the
+            loader is made (one line naming the file), rather than failing in the loss.
     """
 
     def __init__(
@@ -307,6 +311,7 @@ class DeviceSliceLoader:
         seed: int = 0,
         image_key: str = "image",
         label_key: str = "label",
+        num_classes: int | None = None,
     ) -> None:
         if context not in ("neighbors", "repeat"):
             raise ValueError(f"context must be 'neighbors' or 'repeat', got {context!r}.")
@@ -322,12 +327,28 @@ class DeviceSliceLoader:
         self.steps_per_epoch, self.min_steps_per_epoch = steps_per_epoch, min_steps_per_epoch
         self.seed = seed
         self.bank = SliceBank.from_dataset(dataset, self.device, border, image_key, label_key)
+        if num_classes is not None:
+            self._check_labels(dataset, int(num_classes), label_key)
         self._epoch: int | None = None
         self._passes = 0
 
     @property
     def batch_size(self) -> int:
         return self.volumes_per_batch * self.slices_per_volume
+
+    def _check_labels(self, dataset: Sequence[dict[str, Any]], num_classes: int, label_key: str) -> None:
+        """One look at the bank's largest label (a single host sync, when the loader is made)."""
+        if self.bank.num_volumes == 0 or int(self.bank.labels.max()) <= num_classes:
+            return
+        largest = self.bank.labels.flatten(1).amax(dim=1)
+        volume = int(torch.searchsorted(self.bank.start, torch.nonzero(largest > num_classes)[0, 0], right=True)) - 1
+        items = getattr(dataset, "data", None)
+        source = items[volume].get(label_key) if isinstance(items, Sequence) and volume < len(items) else None
+        where = source if isinstance(source, str) else f"training volume {volume}"
+        value = int(largest[largest > num_classes][0])
+        raise ConfigError(f"label map {where} holds the value {value}, but the bundle has {num_classes} classes "
+                          "(label_names): make a bundle for this dataset's labels with `python -m ic_moe_monai "
+                          "init_bundle`.")  # fmt: skip
 
     def __len__(self) -> int:
         if self.bank.num_volumes == 0:

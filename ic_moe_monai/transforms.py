@@ -21,7 +21,10 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
-__all__ = ["CT_WINDOWS", "IntensityPresetd", "SliceNeighborsd", "percentile"]
+from ic_moe_monai.errors import ConfigError
+
+__all__ = ["CT_WINDOWS", "MODALITIES", "IntensityPresetd", "SliceNeighborsd", "ct_window", "modality_name",
+           "percentile"]  # fmt: skip
 
 # Common CT windows (level, width) in HU.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -32,6 +35,44 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "wide": (0.0, 2000.0),
 }
+# Intensity presets: "ct" (a window in HU) and "mr" (percentiles; also for any non-quantitative modality).
+MODALITIES = ("ct", "mr")
+
+
+def modality_name(modality: str) -> str:
+    """``"ct"`` or ``"mr"`` (``"mri"`` accepted) for a modality setting.
+
+    Raises:
+        ConfigError: any other value, in one line listing the choices.
+    """
+    name = str(modality).strip().lower()
+    if name == "mri":
+        name = "mr"
+    if name not in MODALITIES:
+        raise ConfigError(f"modality {modality!r} is not one of 'ct' (a CT window) or 'mr' (percentile "
+                          "normalisation, for MR and other non-quantitative images).")  # fmt: skip
+    return name
+
+
+def ct_window(window: str | Sequence[float]) -> tuple[float, float]:
+    """A CT window as ``(level, width)`` in HU: the name of one of :data:`CT_WINDOWS` or ``[level, width]``.
+
+    Raises:
+        ConfigError: an unknown name or a value that is not two numbers with a positive width, in one line.
+    """
+    if isinstance(window, str):
+        key = window.strip().lower()
+        if key not in CT_WINDOWS:
+            names = ", ".join(CT_WINDOWS)
+            raise ConfigError(f"ct_window {window!r} is not a known window ({names}); or give [level, width] in HU.")
+        return CT_WINDOWS[key]
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"ct_window {window!r}: give a window name or [level, width] in HU.") from err
+    if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
+        raise ConfigError(f"ct_window {window!r}: level and width must be finite numbers, the width positive.")
+    return level, width
 
 
 def percentile(x: torch.Tensor, q: Sequence[float], max_samples: int = 2**23) -> torch.Tensor:
@@ -95,8 +136,9 @@ class IntensityPresetd(MapTransform):
 
     Args:
         keys: image keys.
-        modality: ``"ct"`` (window) or ``"mr"`` (percentiles; also for any non-quantitative modality).
-        window: CT ``(level, width)`` in HU, or the name of one of :data:`CT_WINDOWS`.
+        modality: ``"ct"`` (window) or ``"mr"`` (percentiles; also for any non-quantitative modality); anything
+            else raises a :class:`~ic_moe_monai.errors.ConfigError`.
+        window: CT ``(level, width)`` in HU, or the name of one of :data:`CT_WINDOWS` (see :func:`ct_window`).
         percentiles: MR lower and upper percentiles mapped to 0 and 1.
         max_samples: MR percentiles are exact up to this many voxels, estimated from a subsample beyond.
         allow_missing_keys: don't raise if a key is missing.
@@ -112,15 +154,12 @@ class IntensityPresetd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        modality = modality.lower()
-        if modality == "ct":
-            level, width = CT_WINDOWS[window] if isinstance(window, str) else window
+        self.modality = modality_name(modality)
+        if self.modality == "ct":
+            level, width = ct_window(window)
             self.window = (level - width / 2, level + width / 2)
-        elif modality in ("mr", "mri"):
-            self.percentiles = tuple(float(p) for p in percentiles)
         else:
-            raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}.")
-        self.modality = "ct" if modality == "ct" else "mr"
+            self.percentiles = tuple(float(p) for p in percentiles)
         self.max_samples = max_samples
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:

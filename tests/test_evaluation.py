@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ic_moe_monai.evaluation import case_metrics, summarize
-from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter, latest_checkpoint
+from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter
 from tests.sync_check import NoHostSync
 
 
@@ -138,32 +137,16 @@ def test_time_limit_stops_before_the_budget():
     assert unlimited.state.epoch == 5
 
 
-def test_latest_checkpoint_by_epoch(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for epoch in (2, 10, 9):
-        torch.save({}, tmp_path / f"checkpoint_epoch={epoch}.pt")
-    torch.save({}, tmp_path / "model.pt")
-    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=10.pt"
+def test_reports_are_valid_json_with_null_for_undefined(tmp_path):
+    """metrics_summary.json holds null, never NaN (not JSON), where a value is undefined."""
+    import json
 
+    from ic_moe_monai.evaluation import write_reports
 
-def test_resume_loads_an_unfinished_run_only(tmp_path):
-    """A run stopped before max_epochs resumes; a finished one is not resumed (the same command trains anew)."""
-    from ic_moe_monai.handlers import ResumeCheckpointLoader
-
-    net = torch.nn.Linear(2, 2)
-    for epoch in (1, 3):  # checkpoints as CheckpointSaver writes them: the trainer's own state_dict
-        trainer = Engine(lambda e, b: None)
-        trainer.run([0] * 5, max_epochs=epoch)
-        state = {"model": net.state_dict(), "trainer": trainer.state_dict()}
-        torch.save(state, tmp_path / f"checkpoint_epoch={epoch}.pt")
-
-    def run(max_epochs: int) -> tuple[int, Path | None]:
-        engine = Engine(lambda e, b: None)
-        engine.state.max_epochs = max_epochs
-        loader = ResumeCheckpointLoader(tmp_path, {"model": net, "trainer": engine})
-        loader.attach(engine)
-        engine.run([0] * 5, max_epochs=max_epochs)
-        return engine.state.epoch, loader.loaded
-
-    assert run(5) == (5, tmp_path / "checkpoint_epoch=3.pt")  # epochs 4 and 5 only
-    assert run(3) == (3, None)  # epoch 3 of 3 was the end of that run: start afresh
+    rows = [{"case": "a", "liver_dice": 0.9, "liver_hd95": math.nan}, {"case": "b", "liver_dice": math.nan,
+                                                                       "liver_hd95": math.nan}]  # fmt: skip
+    write_reports(rows, {1: "liver"}, tmp_path, "monai")
+    text = (tmp_path / "metrics_summary.json").read_text()
+    assert "NaN" not in text
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))["summary"]
+    assert summary["liver_hd95"]["mean"] is None and summary["liver_dice"]["mean"] == pytest.approx(0.9)
