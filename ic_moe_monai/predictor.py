@@ -25,6 +25,7 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from monai.utils import TraceKeys
 from torch.utils.data._utils.collate import collate, default_collate, default_collate_fn_map
 
+from ic_moe_monai.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
 from ic_moe_monai.inferers import SliceContextInferer, channel_argmax
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case
@@ -40,7 +41,8 @@ Progress = Callable[[int, int], None]
 
 class BundleError(ValueError):
     """A bundle that cannot be used, in one line naming it: no ``configs/inference.json``, configs that cannot be
-    read or built into a network, or weights that are missing, unreadable or do not fit the network."""
+    read or built into a network, label names that differ between the configs and ``metadata.json``, or weights that
+    are missing, unreadable, do not fit the network or were trained for other classes or preprocessing."""
 
 
 class BundleSegmenter:
@@ -88,8 +90,10 @@ class BundleSegmenter:
         if str(parser.get("inferer", {}).get("_target_", "")).endswith("SliceContextInferer"):
             parser["inferer#argmax"] = True  # labels per slice batch: the volume's logits are never held at once
         metadata = read_metadata(bundle)
-        fallback = _parsed(bundle, parser, "label_names") if "label_names" in parser else None
-        self.label_names = label_names(metadata, fallback)
+        configured = _parsed(bundle, parser, "label_names") if "label_names" in parser else None
+        self.label_names = label_names(metadata, configured)
+        _check_same_names(bundle, self.label_names, configured)
+        self.checkpoint_info = _parsed(bundle, parser, "checkpoint_info") if "checkpoint_info" in parser else None
         try:
             self.segment_codes: dict[int, dict[str, SegmentCode]] = read_segment_codes(metadata)
         except ValueError as err:
@@ -120,8 +124,16 @@ class BundleSegmenter:
             raise BundleError(f"{where} is not a readable checkpoint ({_checkpoint_problem(err)}).") from err
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BundleError(f"{where} is not a state dict of tensors (it holds a {type(state).__name__}).")
+        try:
+            check_checkpoint(state, self.checkpoint_info, _shown(self.ckpt_path, self.bundle))
+        except CheckpointMismatchError as err:
+            raise BundleError(f"bundle {self.bundle}: {err}") from err
         mismatch = _state_dict_mismatch(self.network, state)
         if mismatch:
+            classes = class_count_from_shapes(state)
+            expected = class_count_from_shapes(self.network.state_dict())
+            if classes is not None and expected is not None and classes != expected:
+                mismatch = f"it has {classes} classes, the configs {expected}; {mismatch}"
             raise BundleError(f"{where} does not fit the network ({mismatch}).")
         self.network.load_state_dict(state)
         self.network.eval()
@@ -180,6 +192,23 @@ def label_names(metadata: Mapping[str, Any], fallback: Mapping[Any, str] | None 
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     names = next(iter(outputs.values()), {}).get("channel_def") or fallback
     return {int(k): str(v) for k, v in (names or {}).items()}
+
+
+def _check_same_names(bundle: Path, names: Mapping[int, str], configured: Mapping[Any, str] | None) -> None:
+    """The configs' ``label_names`` and ``metadata.json``'s ``channel_def`` must agree: the first decides the network,
+    the second what outputs (statistics, previews, DICOM SEG, MONAI Label) call its labels."""
+    if not configured:
+        return
+    ours = {int(k): str(v) for k, v in configured.items()}
+    if ours != dict(names):
+        raise BundleError(
+            f"bundle {bundle}: the label names of its configs ({_names(ours)}) and of "
+            f"configs/metadata.json's channel_def ({_names(names)}) differ; make them the same."
+        )
+
+
+def _names(names: Mapping[int, str]) -> str:
+    return ", ".join(f"{v} {n}" for v, n in sorted(names.items()))
 
 
 def load_case(case: Case, max_bytes: int | str | None = None) -> MetaTensor:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ic_moe_monai.clicks import ClickPromptBatch, device_clicks, simulate_clicks
-from ic_moe_monai.handlers import load_pretrained_weights
 from ic_moe_monai.networks import ICMoE
 from tests.test_slice_sampling import NoHostSyncOrData
 
@@ -117,21 +116,3 @@ def test_prompt_batch_uses_the_network_prediction_and_feeds_it():
     assert out["logits"].shape == (2, 3, 32, 32)
     out["logits"].sum().backward()  # the prompted path is differentiable end to end
     assert net.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.grad is not None
-
-
-def test_load_pretrained_weights(tmp_path):
-    net = ICMoE(num_classes=2, img_size=32, encoder="lite")
-    state = net.state_dict()
-    other = ICMoE(num_classes=2, img_size=32, encoder="lite")
-    assert load_pretrained_weights(other, None) is False
-    for name, saved in (("plain.pt", state), ("checkpoint.pt", {"model": state}),
-                        ("ddp.pt", {f"module.{k}": v for k, v in state.items()})):  # fmt: skip
-        torch.save(saved, tmp_path / name)
-        fresh = ICMoE(num_classes=2, img_size=32, encoder="lite")
-        assert load_pretrained_weights(fresh, tmp_path / name) is True
-        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
-    torch.save(ICMoE(num_classes=1, img_size=32, encoder="lite").state_dict(), tmp_path / "one_class.pt")
-    with pytest.raises(ValueError, match=r"one_class\.pt"):
-        load_pretrained_weights(other, tmp_path / "one_class.pt")
-    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
-        load_pretrained_weights(other, tmp_path / "missing.pt")

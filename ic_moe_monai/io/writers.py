@@ -35,6 +35,7 @@ __all__ = [
     "exclusive_lock",
     "label_statistics",
     "labels_to_dicom_frames",
+    "named_labels",
     "partial_name",
     "read_segment_codes",
     "remove_partial_outputs",
@@ -204,6 +205,15 @@ def write_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: str | Path)
         nib.save(image, tmp)
 
 
+def named_labels(labels: np.ndarray, label_names: Mapping[int, str]) -> dict[int, str]:
+    """``label_names`` plus ``"label <v>"`` for every value the labelmap holds that has no name, so that no output
+    leaves a label out (e.g. a model trained for more labels than the names a bundle gives)."""
+    present = np.flatnonzero(np.bincount(np.asarray(labels).ravel().astype(np.int64)))
+    names = {int(k): str(v) for k, v in label_names.items()}
+    names.update({int(v): f"label {int(v)}" for v in present if int(v) != 0 and int(v) not in names})
+    return dict(sorted(names.items()))
+
+
 # --------------------------------------------------------------------------------------------------- statistics
 def label_statistics(
     labels: np.ndarray, image: np.ndarray, affine: np.ndarray, label_names: Mapping[int, str]
@@ -214,8 +224,9 @@ def label_statistics(
         labels: the labelmap ``(X, Y, Z)``.
         image: the input image in the same grid.
         affine: the voxel-to-world matrix (mm); its determinant gives the voxel volume.
-        label_names: label value → name; background (0) is left out.
+        label_names: label value → name; background (0) is left out; values without a name are ``label <v>``.
     """
+    label_names = named_labels(labels, label_names)
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=max(label_names, default=0) + 1)
     sums = np.bincount(labels.ravel(), weights=image.ravel().astype(np.float64), minlength=len(counts))
@@ -269,6 +280,7 @@ def write_preview(
     """
     import nibabel as nib
 
+    label_names = named_labels(labels, label_names)
     orientation = nib.orientations.io_orientation(affine)  # how to reach RAS+ by flips and permutations
     ras_image = nib.orientations.apply_orientation(image, orientation)
     ras_labels = nib.orientations.apply_orientation(labels, orientation)
@@ -416,7 +428,8 @@ def write_dicom_seg(
         labels: the labelmap ``(X, Y, Z)`` in the series' grid.
         affine: its RAS voxel-to-world matrix.
         source_files: the series' DICOM files.
-        label_names: label value → name (from the bundle's ``channel_def``); background (0) is left out.
+        label_names: label value → name (from the bundle's ``channel_def``); background (0) is left out; a value
+            the labelmap holds without a name becomes a segment ``label <v>`` with the generic code.
         path: the ``.dcm`` file to write.
         algorithm_version: recorded in the segments' algorithm identification.
         segment_codes: label value → coded category, type and optional modifier (:func:`read_segment_codes`);
@@ -424,6 +437,7 @@ def write_dicom_seg(
     """
     headers = [_clean_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in source_files]
     frames = labels_to_dicom_frames(labels, affine, headers)
+    label_names = named_labels(frames, label_names)  # highdicom refuses pixel values without a segment
     _share_orientation(headers)
     with warnings.catch_warnings():  # pydicom's nits about the source's own values (e.g. one-part person names)
         warnings.simplefilter("ignore", UserWarning)
