@@ -62,21 +62,56 @@ def adamw(
 
 
 class WarmupCosineSchedule(_MonaiWarmupCosineSchedule):
-    """MONAI's linear warm-up and cosine decay, without a host sync per step for a tensor learning rate.
+    """MONAI's linear warm-up and cosine decay, without a host sync per step for a tensor learning rate, and
+    optionally following a time budget.
 
     MONAI's version floors the rate at ``end_lr`` with Python's ``max``, which reads a tensor rate on the host (a
-    device sync at every iteration after the warm-up); here the floor is a ``clamp_min`` on the device. Same
-    arguments and state dict as ``monai.optimizers.WarmupCosineSchedule``.
+    device sync at every iteration after the warm-up); here the floor is a ``clamp_min`` on the device.
+
+    With ``clock`` and ``max_minutes`` (the training's time limit), the schedule's position is the further of the
+    step count and the time used: step ``max(t, t_total · seconds / budget)``, so the cosine reaches its end when the
+    budget runs out even when ``max_epochs`` would have taken longer (and at ``t_total`` when the epochs end
+    first). The clock is read on the host; nothing waits for the device.
+
+    Args:
+        optimizer, warmup_steps, t_total, end_lr, cycles, last_epoch, warmup_multiplier: as MONAI's.
+        clock: an object with ``seconds()`` (the training time so far, e.g.
+            :class:`~ic_moe_monai.handlers.TrainingClock`).
+        max_minutes: the time budget; None or ≤ 0: the schedule follows the steps only.
     """
 
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, t_total: int, end_lr: float = 0.0,
+                 cycles: float = 0.5, last_epoch: int = -1, warmup_multiplier: float = 0,
+                 clock: Any = None, max_minutes: float | None = None) -> None:  # fmt: skip
+        # set before MONAI's __init__, which takes the first step
+        self.clock = clock
+        self.max_seconds = float(max_minutes) * 60 if clock is not None and max_minutes and max_minutes > 0 else None
+        super().__init__(optimizer, warmup_steps, t_total, end_lr=end_lr, cycles=cycles, last_epoch=last_epoch,
+                         warmup_multiplier=warmup_multiplier)  # fmt: skip
+
+    def position(self) -> float:
+        """The schedule's step: the step count, or further on where the time budget is further used up."""
+        step = float(self.last_epoch)
+        if self.max_seconds is None or step < self.warmup_steps:
+            return step
+        return max(step, self.t_total * min(1.0, self.clock.seconds() / self.max_seconds))
+
     def get_lr(self) -> list[float | torch.Tensor]:
+        position = self.position()
         rates = []
         for lmbda, base_lr in zip(self.lr_lambdas, self.base_lrs, strict=True):
-            rate = base_lr * lmbda(self.last_epoch)
+            rate = base_lr * lmbda(position)
             if self.last_epoch >= self.warmup_steps:
                 rate = rate.clamp_min(self.end_lr) if isinstance(rate, torch.Tensor) else max(self.end_lr, rate)
             rates.append(rate)
         return rates
+
+    def state_dict(self) -> dict[str, Any]:
+        """MONAI's state dict, without the clock (its time is saved by the training checkpoints on their own)."""
+        return {k: v for k, v in super().state_dict().items() if k not in ("clock", "max_seconds")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("clock", "max_seconds")})
 
 
 def decollate_without_sync(data: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -13,17 +14,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
+from monai.handlers import ValidationHandler
 
+from ic_moe_monai.checkpoints import load_pretrained_weights
 from ic_moe_monai.data import case_name
+from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.evaluation import case_metrics, write_reports
 
 __all__ = [
     "CaseMetricsWriter",
     "LossTermsAverager",
-    "ResumeCheckpointLoader",
+    "MLflowRunSettings",
+    "TrainingClock",
+    "TrainingSummary",
+    "TrainingTimeLimit",
+    "ValidationSchedule",
     "iteration_log_filter",
-    "latest_checkpoint",
     "load_pretrained_weights",
 ]
 
@@ -97,141 +103,251 @@ def iteration_log_filter(every: int) -> Callable[[Engine, int], bool]:
     return _filter
 
 
+class TrainingClock:
+    """Training time across resumed runs, for the time limit and the learning-rate schedule.
+
+    Counts from the engine's start (``attach`` it before the handlers that read it); a resumed run adds the time of
+    the runs before it (its state dict is part of the training checkpoints). ``time_limit_reached`` is set by
+    :class:`TrainingTimeLimit` when it ends the run, so that the run counts as finished.
+    """
+
+    def __init__(self) -> None:
+        self._before = 0.0
+        self._start: float | None = None
+        self.time_limit_reached = False
+        self._engines: set[int] = set()
+
+    def attach(self, engine: Engine) -> None:
+        if id(engine) not in self._engines:  # several handlers share one clock
+            self._engines.add(id(engine))
+            engine.add_event_handler(Events.STARTED, self._started)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.monotonic()
+
+    def seconds(self) -> float:
+        """Training seconds so far, earlier runs included."""
+        return self._before + (time.monotonic() - self._start if self._start is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds(), "time_limit_reached": self.time_limit_reached}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._before = float(state.get("seconds", 0.0))
+        self._start = time.monotonic() if self._start is not None else None
+        self.time_limit_reached = bool(state.get("time_limit_reached", False))
+
+
 class TrainingTimeLimit:
     """Stop training cleanly, at the end of an epoch, before a wall-clock budget runs out.
 
-    Attach it after the ValidationHandler, so the last epoch is still validated. After each epoch it compares the
-    time used since the engine started plus the longest epoch so far with ``max_minutes``, and terminates when the
-    next epoch would not fit (under torch.distributed: when it would not fit on some rank, so all ranks stop
-    together). Validation and checkpoints of the finished epochs are kept; a resumed run gets a fresh budget.
+    Attach it after the validation handler, so the last epoch is still validated. After each epoch it compares the
+    training time so far plus the longest epoch so far with ``max_minutes``, and terminates when the next epoch would
+    not fit (under torch.distributed: when it would not fit on some rank, so all ranks stop together). Validation and
+    checkpoints of the finished epochs are kept. With a shared :class:`TrainingClock` the budget covers resumed runs
+    too (the clock's time is saved with the checkpoints), and the learning-rate schedule can follow the same clock.
 
     Args:
         max_minutes: the budget; ``None`` or a value ≤ 0 means no limit.
+        clock: the training clock (default: one of its own, counting this run only).
     """
 
-    def __init__(self, max_minutes: float | None) -> None:
+    def __init__(self, max_minutes: float | None, clock: TrainingClock | None = None) -> None:
         self.max_seconds = None if not max_minutes or max_minutes <= 0 else float(max_minutes) * 60
-        self._start = 0.0
+        self.clock = clock if clock is not None else TrainingClock()
         self._epoch_start = 0.0
         self._longest = 0.0
 
     def attach(self, engine: Engine) -> None:
+        self.clock.attach(engine)
         if self.max_seconds is None:
             return
-        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
-
-    def _started(self, engine: Engine) -> None:
-        self._start = time.monotonic()
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_start = time.monotonic()
 
     def _check(self, engine: Engine) -> None:
-        now = time.monotonic()
-        self._longest = max(self._longest, now - self._epoch_start)
-        stop = torch.tensor(float(now - self._start + self._longest > self.max_seconds))
+        self._longest = max(self._longest, time.monotonic() - self._epoch_start)
+        used = self.clock.seconds()
+        stop = torch.tensor(float(used + self._longest > self.max_seconds))
         if dist.is_available() and dist.is_initialized():  # every rank must stop at the same epoch
             stop = stop.to("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item() > 0:
             logger.info(
                 "time limit: %.1f of %.1f min used, the next epoch would not fit; stopping after epoch %d.",
-                (now - self._start) / 60,
+                used / 60,
                 self.max_seconds / 60,
                 engine.state.epoch,
             )
+            self.clock.time_limit_reached = True
             engine.terminate()
 
 
-def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Path | None:
-    """The newest ``<prefix>*.pt`` in ``ckpt_dir`` (by the epoch in its name, then modification time)."""
-    candidates = list(Path(ckpt_dir).glob(f"{prefix}*.pt")) if Path(ckpt_dir).is_dir() else []
-    if not candidates:
-        return None
+class ValidationSchedule(ValidationHandler):
+    """MONAI's ``ValidationHandler`` with the interval in epochs, in training steps or in minutes.
 
-    return max(candidates, key=lambda path: (_epoch_in_name(path), path.stat().st_mtime))
+    - ``interval`` epochs (default, as MONAI's): after every ``interval``-th epoch;
+    - ``interval_steps``: after every ``interval_steps``-th iteration;
+    - ``interval_minutes``: after the first iteration that ends ``interval_minutes`` after the previous validation
+      (or the start); the clock is read on the host only (no device sync); under torch.distributed the ranks agree
+      on it every ``sync_every`` iterations.
 
-
-def _epoch_in_name(path: Path) -> int:
-    """The epoch CheckpointSaver put in a checkpoint's name (``checkpoint_epoch=N.pt``), or -1."""
-    digits = "".join(ch if ch.isdigit() else " " for ch in path.stem).split()
-    return int(digits[-1]) if digits else -1
-
-
-def load_pretrained_weights(network: torch.nn.Module, path: str | Path | None) -> bool:
-    """Start a training from a model's weights (fine-tuning), e.g. the shipped ``models/model.pt``.
-
-    Accepts a plain state dict or a training checkpoint with a ``"model"`` entry, and a network wrapped in
-    DistributedDataParallel. A resumed checkpoint (:class:`ResumeCheckpointLoader`) is loaded later, when the
-    engine starts, so an interrupted fine-tuning continues from its own last epoch.
-
-    Returns:
-        False when ``path`` is empty (nothing to load), True once loaded.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file holds no weights that fit the network (the message names the file).
-    """
-    if not path:
-        return False
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-    try:
-        target.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    except (RuntimeError, AttributeError) as err:
-        raise ValueError(f"pretrained weights {path} do not fit the network: {str(err).splitlines()[0]}") from err
-    logger.info("fine-tuning from %s", path)
-    return True
-
-
-class ResumeCheckpointLoader:
-    """Resume an interrupted training: load the newest training checkpoint of ``ckpt_dir`` when the engine starts.
-
-    Training checkpoints are written by MONAI's ``CheckpointSaver(save_interval=..., file_prefix="checkpoint")``
-    with the network, optimiser, scheduler and trainer state; the trainer's epoch and iteration are restored, so
-    ``max_epochs`` counts from the start of the first run. Nothing happens when there is no checkpoint, or when the
-    newest one already reached ``max_epochs`` (that run finished: training starts afresh).
-    Loading goes through MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``).
+    With steps or minutes, the last epoch (``max_epochs``) is validated at its end too, when steps ran since the
+    last validation, and so is the end of a run the time limit stops (seen on the shared :class:`TrainingClock`).
+    Each validation runs the evaluator with the trainer's epoch.
 
     Args:
-        ckpt_dir: folder of the training checkpoints.
-        load_dict: objects to restore, e.g. ``{"model": net, "optimizer": opt, "trainer": trainer}``.
-        enabled: set False to always start afresh.
-        map_location: passed to ``torch.load``.
+        validator: the evaluator.
+        interval: epochs between validations (used when neither of the others is set).
+        interval_steps: iterations between validations.
+        interval_minutes: minutes between validations.
+        clock: the training clock (to validate the end of a run the time limit stops).
+        sync_every: iterations between the ranks' agreement on the minutes.
+        exec_at_start: also validate before training starts.
     """
 
     def __init__(
-        self, ckpt_dir: str | Path, load_dict: Mapping[str, Any], enabled: bool = True, map_location: Any = "cpu"
+        self,
+        validator: Any,
+        interval: int = 1,
+        interval_steps: int | None = None,
+        interval_minutes: float | None = None,
+        clock: TrainingClock | None = None,
+        sync_every: int = 10,
+        exec_at_start: bool = False,
     ) -> None:
-        self.ckpt_dir = Path(ckpt_dir)
-        self.load_dict = dict(load_dict)
-        self.enabled = enabled
-        self.map_location = map_location
-        self.loaded: Path | None = None
+        super().__init__(interval=max(1, int(interval)), validator=validator, epoch_level=True,
+                         exec_at_start=exec_at_start)  # fmt: skip
+        if interval_steps and interval_minutes:
+            raise ConfigError("give at most one of val_interval_steps and val_interval_minutes.")
+        self.interval_steps = int(interval_steps) if interval_steps else None
+        self.interval_seconds = float(interval_minutes) * 60 if interval_minutes else None
+        self.clock = clock
+        self.sync_every = max(1, int(sync_every))
+        self._last_time = 0.0
+        self._last_iteration = 0
 
     def attach(self, engine: Engine) -> None:
-        if not self.enabled:
+        if self.interval_steps is None and self.interval_seconds is None:
+            super().attach(engine)
             return
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            logger.info("resume: no training checkpoint in %s, starting afresh.", self.ckpt_dir)
-            return
-        finished = _epoch_in_name(path)
-        if finished >= engine.state.max_epochs:
-            # a finished run is not resumed: the same command (e.g. MONAI Label's /train) trains anew
-            logger.info("resume: %s ended the last run (epoch %d of %d), starting afresh.", path.name, finished,
-                        engine.state.max_epochs)  # fmt: skip
-            return
-        logger.info("resume: loading %s", path)
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
-        self.loaded = path
+        engine.add_event_handler(Events.STARTED, self._started)
+        if self.exec_at_start:
+            engine.add_event_handler(Events.STARTED, self._validate)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
+
+    def _started(self, engine: Engine) -> None:
+        self._last_time, self._last_iteration = time.monotonic(), engine.state.iteration
+
+    def _validate(self, engine: Engine) -> None:
+        self(engine)
+        self._last_time, self._last_iteration = time.monotonic(), engine.state.iteration
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        if self.interval_steps is not None:
+            due = engine.state.iteration % self.interval_steps == 0
+        else:
+            due = time.monotonic() - self._last_time >= self.interval_seconds
+            if dist.is_available() and dist.is_initialized():  # every rank validates at the same step
+                if engine.state.iteration % self.sync_every:
+                    return
+                flag = torch.tensor(float(due), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                due = flag.item() > 0
+        if due:
+            self._validate(engine)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and engine.state.iteration > self._last_iteration:
+            self._validate(engine)
+
+    def _terminated(self, engine: Engine) -> None:
+        stopped_by_time = self.clock is not None and self.clock.time_limit_reached
+        if stopped_by_time and engine.state.iteration > self._last_iteration:
+            self._validate(engine)
+
+
+class TrainingSummary:
+    """One line when training ends (also when the time limit ends it): the best validation metric, its epoch, and
+    where the model is.
+
+    Args:
+        evaluator: the validation evaluator (its ``best_metric`` / ``best_metric_epoch``), or None.
+        model_path: the model file the training writes (the best validated weights, or the last ones without
+            validation cases).
+        metric_name: how to call the metric.
+    """
+
+    def __init__(self, evaluator: Any, model_path: str | Path, metric_name: str = "val_mean_dice") -> None:
+        self.evaluator, self.model_path, self.metric_name = evaluator, Path(model_path), metric_name
+        self.message = ""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state = getattr(self.evaluator, "state", None)
+        best = float(getattr(state, "best_metric", -1)) if state is not None else -1
+        where = self.model_path if self.model_path.is_file() else f"{self.model_path} (not written)"
+        if best == -1:
+            self.message = f"training finished after epoch {engine.state.epoch}, without validation; model: {where}"
+        else:
+            epoch = int(getattr(state, "best_metric_epoch", -1))
+            self.message = (f"training finished after epoch {engine.state.epoch}: best {self.metric_name} "
+                            f"{best:.4f} at epoch {epoch}; model: {where}")  # fmt: skip
+        logger.info(self.message)
+
+
+class MLflowRunSettings:
+    """Log the run's settings as parameters of the MLflow run that MONAI's ``MLFlowHandler`` (``--tracking
+    mlflow``) opens for the trainer: MONAI's handler records only ``max_epochs`` and ``epoch_length``.
+
+    Attach it after the trainer's handlers (the configs do, in ``initialize``): when the run starts it finds the
+    ``MLFlowHandler`` attached to the trainer and logs ``params`` through its client; without one it does nothing.
+
+    Args:
+        params: ``{name: value}``; values are logged as text (dicts and lists as JSON).
+    """
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = dict(params)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for handler in _attached_handlers(engine, Events.STARTED):
+            if type(handler).__name__ == "MLFlowHandler" and getattr(handler, "cur_run", None) is not None:
+                self.log(handler.client, handler.cur_run.info.run_id)
+
+    def log(self, client: Any, run_id: str) -> None:
+        """Log the parameters into run ``run_id`` with an ``mlflow.MlflowClient``."""
+        from mlflow.entities import Param
+
+        params = [Param(str(k), _param_text(v)) for k, v in self.params.items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+            client.log_batch(run_id, params=params[start : start + 100])
+
+
+def _attached_handlers(engine: Engine, event: Events) -> list[Any]:
+    """The objects whose bound methods handle ``event`` on ``engine`` (ignite keeps no other registry)."""
+    owners = []
+    for handler, _, _ in engine._event_handlers.get(event, []):
+        owner = getattr(handler, "__self__", None) or getattr(getattr(handler, "func", None), "__self__", None)
+        if owner is not None:
+            owners.append(owner)
+    return owners
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, default=str)[:6000]
+    return str(value)[:6000]
 
 
 class CaseMetricsWriter:
