@@ -54,15 +54,19 @@ def write_dicom_series(
     series_number: int = 1,
     study_uid: str | None = None,
     prefix: str = "",
+    modality: str = "MR",
 ) -> list[Path]:
-    """Write ``pixels`` ``(slices, rows, columns)`` (int16) as an MR DICOM series; return the files.
+    """Write ``pixels`` ``(slices, rows, columns)`` (int16) as an MR (or ``modality="CT"``: CT, in HU) DICOM series;
+    return the files.
 
     ``row_dir`` / ``col_dir`` are ImageOrientationPatient's two direction cosines (LPS), ``spacing`` is (row spacing,
     column spacing, slice gap) in mm; slice k lies at ``origin + k * gap * (row_dir × col_dir)``. File names are
     shuffled against the slice order, so readers must sort by position.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    storage = CTImageStorage if modality == "CT" else MRImageStorage
 
     folder.mkdir(parents=True, exist_ok=True)
     normal = np.cross(row_dir, col_dir)
@@ -72,16 +76,16 @@ def write_dicom_series(
     files = []
     for k, plane in enumerate(pixels):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPClassUID = storage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SOPClassUID, ds.SOPInstanceUID = storage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "PHANTOM", "", "O"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
-        ds.ReferringPhysicianName, ds.Modality, ds.Manufacturer = "", "MR", "test"
+        ds.ReferringPhysicianName, ds.Modality, ds.Manufacturer = "", modality, "test"
         ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, k + 1, f"phantom {series_number}"
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * spacing[2] * normal]
@@ -90,6 +94,8 @@ def write_dicom_series(
         ds.Rows, ds.Columns = plane.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
         ds.PixelData = np.ascontiguousarray(plane, dtype=np.int16).tobytes()
         path = folder / f"{prefix}img{order[k]:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -114,3 +120,67 @@ def threshold_bundle_config(folder: Path, img_size: int) -> Path:
               "ckpt_path": str(folder / "threshold.pt")}  # fmt: skip
     (folder / "threshold.json").write_text(json.dumps(config))
     return folder / "threshold.json"
+
+
+CT_LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
+
+
+def synthetic_ct(shape: tuple[int, int, int] = (48, 48, 12), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small abdominal CT phantom in HU (int16) and its labels (uint8, :data:`CT_LABELS`), axes (x, y, z).
+
+    Air around an elliptic body of soft tissue (40 HU) holding a liver (label 1, 60 HU) on one side, a spleen
+    (label 2, 45 HU) on the other and a kidney (label 3, 150 HU) behind; sizes and positions vary with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    cx, cy, cz = shape[0] / 2, shape[1] / 2, shape[2] / 2
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
+    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.38 * shape[1])) ** 2 <= 1
+    image[body] = 40.0
+
+    def organ(centre, radii, label, hu):
+        c = [a + rng.uniform(-1.5, 1.5) for a in centre]
+        r = [a * rng.uniform(0.85, 1.15) for a in radii]
+        inside = sum(((g - ci) / ri) ** 2 for g, ci, ri in zip((x, y, z), c, r, strict=True)) <= 1
+        image[inside & body] = hu
+        labels[inside & body] = label
+
+    organ((cx - 0.22 * shape[0], cy - 0.05 * shape[1], cz), (0.17 * shape[0], 0.2 * shape[1], 0.45 * shape[2]), 1, 60)
+    organ((cx + 0.25 * shape[0], cy - 0.05 * shape[1], cz), (0.09 * shape[0], 0.1 * shape[1], 0.35 * shape[2]), 2, 45)
+    organ((cx + 0.08 * shape[0], cy + 0.2 * shape[1], cz), (0.07 * shape[0], 0.08 * shape[1], 0.3 * shape[2]), 3, 150)
+    image += rng.normal(0, 8, shape).astype(np.float32)
+    return np.round(image).astype(np.int16), labels
+
+
+def make_ct_task(target: Path, count: int = 5, shape: tuple[int, int, int] = (48, 48, 12)) -> Path:
+    """An MSD-style CT task folder (dataset.json with labels and modality, imagesTr, labelsTr, imagesTs) of
+    :func:`synthetic_ct` phantoms, 3 × 3 × 5 mm voxels, RAS affine."""
+    import nibabel as nib
+
+    affine = np.diag([3.0, 3.0, 5.0, 1.0])
+    training = []
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (target / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count + 1):
+        image, labels = synthetic_ct(shape, seed=i)
+        name = f"phantom_{i:03d}.nii.gz"
+        if i == count:  # one test case
+            nib.save(nib.Nifti1Image(image, affine), target / "imagesTs" / name)
+            break
+        nib.save(nib.Nifti1Image(image, affine), target / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(labels, affine), target / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    manifest = {
+        "name": "AbdomenPhantom",
+        "description": "Synthetic abdominal CT phantoms",
+        "licence": "CC0",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {str(k): v for k, v in CT_LABELS.items()},
+        "numTraining": count,
+        "training": training,
+        "test": [f"./imagesTs/phantom_{count:03d}.nii.gz"],
+    }
+    (target / "dataset.json").write_text(json.dumps(manifest, indent=2))
+    return target

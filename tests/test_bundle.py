@@ -16,6 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from ic_moe_monai.checkpoints import read_info
 from ic_moe_monai.networks import ICMoE
 
 from .conftest import REPO_ROOT
@@ -131,6 +132,9 @@ def test_training_writes_model_checkpoint_and_logs(trained):
     state = torch.load(trained / "models" / "model.pt", weights_only=True)
     model = ICMoE(num_classes=2, img_size=64, encoder="lite")
     model.load_state_dict(state)  # the key-metric checkpoint is a plain state dict of the network
+    info = read_info(state)  # … carrying what it was trained for
+    assert info["label_names"] == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert info["preprocessing"]["modality"] == "mr" and info["preprocessing"]["img_size"] == 64
 
 
 @pytest.mark.slow
@@ -196,6 +200,10 @@ def test_mlflow_tracking_local_store(tmp_path, tiny_task):
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) >= 1
     assert any(c.startswith("metrics.train_loss") or c.startswith("metrics.loss_dice_ce") for c in runs.columns)
+    params = runs.iloc[0]  # the run's settings, not only MONAI's max_epochs and epoch_length
+    assert params["params.learning_rate"] == "0.001" and params["params.steps_per_epoch"] == "3"
+    assert json.loads(params["params.label_names"]) == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert params["params.modality"] == "mr" and params["params.profile"] == "lite"
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

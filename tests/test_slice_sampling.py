@@ -180,6 +180,26 @@ def test_steps_per_epoch():
     assert len(DeviceSliceLoader([])) == 0
 
 
+def test_a_label_beyond_the_bundles_classes_is_refused_naming_the_file():
+    from monai.data import Dataset
+
+    from ic_moe_monai.errors import ConfigError
+
+    items = []
+    for top in (2, 5, 1):
+        image, label = _volume(8, {2: 30, 4: 50})
+        items.append({"image": image, "label": label * top})  # foreground 1 scaled: largest label value `top`
+    files = [{"image": f"img{v}.nii.gz", "label": f"labelsTr/case{v}.nii.gz"} for v in range(3)]
+
+    class Cached(Dataset):  # a CacheDataset: the items after the transforms, the file names in .data
+        def __getitem__(self, index):
+            return items[index]
+
+    DeviceSliceLoader(Cached(files), num_classes=5)  # values up to 5 fit 5 classes
+    with pytest.raises(ConfigError, match=r"labelsTr/case1\.nii\.gz holds the value 5, but the bundle has 2 classes"):
+        DeviceSliceLoader(Cached(files), num_classes=2)
+
+
 def test_a_step_never_reads_the_device_on_the_host():
     loader = _loader()
     generator = loader.epoch_generator(1)
