@@ -237,8 +237,9 @@ def _label_names(labels: Any, manifest: Path) -> dict[int, str]:
 def check_dataset_labels(dataset_dir: str | Path, label_names: Mapping[Any, str]) -> bool:
     """Refuse to train a bundle on a dataset whose ``dataset.json`` names other labels than the bundle's.
 
-    Names are compared by value, without regard to case; the background's name is not compared. Datasets without a
-    dataset.json or without labels in it pass.
+    Names are compared by value, without regard to case; the background's name is not compared. A folder that does
+    not exist (e.g. MONAI Label's training, which gives the cases itself), and datasets without a dataset.json or
+    without labels in it, pass.
 
     Returns:
         True (for a config's ``initialize`` list).
@@ -246,6 +247,8 @@ def check_dataset_labels(dataset_dir: str | Path, label_names: Mapping[Any, str]
     Raises:
         DatasetError: one line naming both label sets and the command that makes a bundle for the dataset.
     """
+    if not Path(dataset_dir).is_dir():
+        return True
     given = dataset_info(dataset_dir).label_names
     if not given:
         return True
