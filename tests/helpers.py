@@ -114,3 +114,14 @@ def threshold_bundle_config(folder: Path, img_size: int) -> Path:
               "ckpt_path": str(folder / "threshold.pt")}  # fmt: skip
     (folder / "threshold.json").write_text(json.dumps(config))
     return folder / "threshold.json"
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+OBLIQUE = rotation("z", 20) @ rotation("x", 15)
