@@ -142,6 +142,8 @@ def segment(
     num_parts: int | None = None,
     part_id: int | None = None,
     max_image_size: int | str | None = None,
+    tta: bool | None = None,
+    keep_largest_component: bool | None = None,
     quiet: bool = False,
 ) -> SegmentReport:
     """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them) into OUTPUT.
@@ -173,6 +175,11 @@ def segment(
         max_image_size: the largest image accepted, as float32 bytes or with a unit (``4G``, ``512M``); a larger
             one is refused from its header, before any voxel is read (default ``$IC_MOE_MAX_IMAGE_BYTES``, else
             1/8 of the memory, at most 4 GiB).
+        tta: mirror test-time augmentation on or off (default: the bundle's ``tta_mirror``): each slice and its
+            in-plane mirror images go through the network and their probabilities are averaged (4× the network
+            time).
+        keep_largest_component: keep only the largest connected component of each label, on or off (default: the
+            bundle's ``keep_largest_component``).
         quiet: no progress bars; log warnings only.
 
     Raises:
@@ -194,7 +201,12 @@ def segment(
     batch_size = None if batch_size is None else _integer("batch_size", batch_size, 1)
     num_workers = _integer("num_workers", num_workers, 0)
     max_bytes = _size_limit(max_image_size)
+    switches = {"tta_mirror": ("tta", tta),
+                "keep_largest_component": ("keep_largest_component", keep_largest_component)}
+    options = {key: _flag(name, value) for key, (name, value) in switches.items() if value is not None}
     if isinstance(bundle, BundleSegmenter):
+        if options:
+            raise UsageError("tta and keep_largest_component are set when a BundleSegmenter is built, not here.")
         torch_device = _reused_segmenter_device(bundle, configs, batch_size, device)
     else:
         torch_device = _resolve_device(device)
@@ -209,7 +221,7 @@ def segment(
     bundle_name = str(bundle.bundle) if isinstance(bundle, BundleSegmenter) else str(bundle)
     settings = {"bundle": bundle_name, "config": configs, "formats": wanted, "statistics": statistics,
                 "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
-                "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes}  # fmt: skip
+                "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes, **options}  # fmt: skip
     report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
                            device=_device_name(torch_device), run_id=run_id())  # fmt: skip
 
@@ -226,8 +238,10 @@ def segment(
             if isinstance(bundle, BundleSegmenter):
                 segmenter = bundle
             else:
-                segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size)
+                segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size, options=options)
             settings["batch_size"] = segmenter.batch_size
+            settings["tta_mirror"] = len(getattr(segmenter.inferer, "flips", [()])) > 1
+            settings["keep_largest_component"] = segmenter.keep_largest_component
             _run_cases(_Job(segmenter, out_dir, overwrite, max_bytes, reader_notes), todo, num_workers, quiet)
         _write_run_files(report, run_files, statistics, time.monotonic() - started)
     counts = {s: sum(c.status == s for c in report.cases) for s in ("done", "failed", SKIPPED_EXISTS, SKIPPED_BUSY)}

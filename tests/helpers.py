@@ -107,11 +107,12 @@ def expected_threshold_labels(data: np.ndarray) -> np.ndarray:
 
 
 def threshold_bundle_config(folder: Path, img_size: int) -> Path:
-    """A config file that turns the bundle into the :class:`ThresholdNet` bundle (weights saved beside it)."""
+    """A config file that turns the bundle into the :class:`ThresholdNet` bundle (weights saved beside it), whose
+    labelmap of any volume is known voxel by voxel (:func:`expected_threshold_labels`): no component cleaning."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ThresholdNet().state_dict(), folder / "threshold.pt")
     config = {"network_def": {"_target_": "tests.helpers.ThresholdNet"}, "img_size": img_size,
-              "ckpt_path": str(folder / "threshold.pt")}  # fmt: skip
+              "ckpt_path": str(folder / "threshold.pt"), "keep_largest_component": False}  # fmt: skip
     (folder / "threshold.json").write_text(json.dumps(config))
     return folder / "threshold.json"
 
