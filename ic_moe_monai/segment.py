@@ -233,12 +233,15 @@ def segment(
             local, shown, remote_skipped = Path(input), _PathsShown(), []
             all_cases, skipped = discover_cases(input, exclude=_excluded(local, out_dir))
         else:
-            local, shown, remote_skipped = fetched.enter_context(_retrieved(*remote, max_bytes, quiet))
+            # each part retrieves only the series it segments
+            retrieved = _retrieved(*remote, max_bytes, quiet, num_parts, part_id)
+            local, shown, remote_skipped = fetched.enter_context(retrieved)
             all_cases, skipped = discover_cases(local)
         skipped = remote_skipped + skipped
         return _segment_cases(input, bundle, configs, torch_device, wanted, statistics, preview, overwrite,
                               batch_size, num_workers, num_parts, part_id, max_bytes, quiet, out_dir, all_cases,
-                              skipped, shown, remote[1] if push and remote else None, started)  # fmt: skip
+                              skipped, shown, remote[1] if push and remote else None, started,
+                              split=remote is None)  # fmt: skip
 
 
 def _segment_cases(
@@ -262,8 +265,10 @@ def _segment_cases(
     shown: _PathsShown,
     push: DicomwebClient | None,
     started: float,
+    split: bool = True,
 ) -> SegmentReport:
-    """The run on the cases found: refuse outputs that would replace inputs, plan, segment, write the report."""
+    """The run on the cases found (of all parts when ``split``, else of this part only): refuse outputs that would
+    replace inputs, plan, segment, write the report."""
     suffix = f"_part{part_id}" if num_parts > 1 else ""
     run_files = [out_dir / f"report{suffix}.json", out_dir / f"statistics{suffix}.csv"]
     _refuse_replacing_inputs(all_cases, _all_outputs(out_dir, all_cases, wanted, statistics, preview, run_files,
@@ -286,7 +291,8 @@ def _segment_cases(
             logger.warning("another run is writing into %s: this run's report is %s", out_dir, run_files[0].name)
         _remove_leftovers(out_dir)
         _list_not_segmented(report, input, all_cases, skipped)
-        todo = _plan(report, all_cases[part_id::num_parts], out_dir, wanted, statistics, preview, overwrite,
+        mine = all_cases[part_id::num_parts] if split else all_cases
+        todo = _plan(report, mine, out_dir, wanted, statistics, preview, overwrite,
                      push is not None)  # fmt: skip
         if todo:
             if isinstance(bundle, BundleSegmenter):
@@ -768,10 +774,11 @@ def _remote_input(url: str) -> tuple[DicomwebSource, DicomwebClient]:
 
 @contextmanager
 def _retrieved(
-    source: DicomwebSource, client: DicomwebClient, max_bytes: int, quiet: bool
+    source: DicomwebSource, client: DicomwebClient, max_bytes: int, quiet: bool, num_parts: int = 1, part_id: int = 0
 ) -> Iterator[tuple[Path, _PathsShown, list[Skipped]]]:
-    """Retrieve the image series ``source`` names into a temporary folder, removed after the block; yield it, how
-    its paths are shown (as the URLs they came from), and the series not retrieved with the reason.
+    """Retrieve the image series ``source`` names (of part ``part_id`` of ``num_parts``, in UID order) into a
+    temporary folder, removed after the block; yield it, how its paths are shown (as the URLs they came from), and
+    the series not retrieved with the reason.
 
     Raises:
         UsageError: the server cannot be reached or refuses the query or the credentials (nothing is retrieved).
@@ -781,6 +788,7 @@ def _retrieved(
         series, skipped = find_series(client, source)
     except DicomwebError as err:
         raise UsageError(str(err)) from err
+    series = sorted(series, key=lambda s: (s.study, s.series))[part_id::num_parts]
     folder = Path(tempfile.mkdtemp(prefix="ic_moe_dicomweb_"))
     try:
         shown = _PathsShown(folder, series)

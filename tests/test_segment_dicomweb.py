@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DicomwebSource
@@ -68,26 +67,6 @@ def _leftover_downloads() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("ic_moe_dicomweb_*")}
 
 
-def _stored_segs(pacs, series_uid: str) -> list[pydicom.Dataset]:
-    """The SEG instances on the server that reference ``series_uid``, read back through WADO-RS."""
-    segs = []
-    for item in pacs.series("SEG"):
-        study, uid = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
-        answer = requests.get(f"{pacs.dicomweb}/studies/{study}/series/{uid}", auth=pacs.auth, timeout=60,
-                              headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
-        answer.raise_for_status()
-        boundary = answer.headers["Content-Type"].split("boundary=")[1].strip('"').encode()
-        for part in answer.content.split(b"--" + boundary)[1:-1]:
-            body = part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")
-            with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
-                f.write(body)
-                f.flush()
-                ds = pydicom.dcmread(f.name)
-            if ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid:
-                segs.append(ds)
-    return segs
-
-
 @pytest.mark.slow
 def test_study_url_with_push_stores_segs_and_a_rerun_resumes(tmp_path, pacs, credentials, shared_data):
     """The shipped model on both MR series of a study, read from the PACS; their SEGs stored back in the study."""
@@ -109,7 +88,7 @@ def test_study_url_with_push_stores_segs_and_a_rerun_resumes(tmp_path, pacs, cre
         np.testing.assert_allclose(labels.affine, np.asarray(reference.affine), atol=1e-4)
         receipt = json.loads(Path(case.outputs["pushed"]).read_text())
         assert len(receipt["retrieve_urls"]) == 1 and study in receipt["retrieve_urls"][0]
-        (seg,) = _stored_segs(pacs, series_uid)
+        (seg,) = pacs.segs_of(series_uid)
         assert seg.StudyInstanceUID == study
         assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "anterior"), (2, "posterior")]
         assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Hippocampus"
@@ -118,8 +97,8 @@ def test_study_url_with_push_stores_segs_and_a_rerun_resumes(tmp_path, pacs, cre
     assert _leftover_downloads() == before  # the retrieved series are gone
     again = segment(f"{pacs.dicomweb}/studies/{study}", str(tmp_path), bundle=str(BUNDLE), push=True, quiet=True)
     assert [c.status for c in again.cases] == ["skipped (exists)"] * 2 and again.exit_code == 0
-    assert len(_stored_segs(pacs, crop_uid)) == 1  # nothing stored twice
-    pacs.delete_series(seg.SeriesInstanceUID for c in report.cases for seg in _stored_segs(pacs, _uid_of(c)))
+    assert len(pacs.segs_of(crop_uid)) == 1  # nothing stored twice
+    pacs.delete_series(seg.SeriesInstanceUID for c in report.cases for seg in pacs.segs_of(_uid_of(c)))
 
 
 def test_query_url_reports_bad_series_by_url_and_goes_on(tmp_path, pacs, credentials, shared_data, threshold_config):
@@ -147,7 +126,19 @@ def test_query_url_reports_bad_series_by_url_and_goes_on(tmp_path, pacs, credent
                     config=threshold_config, max_image_size="1M", quiet=True)  # fmt: skip
     (refused,) = [r for r in small.not_segmented if r["failure"]]
     assert refused["path"].endswith(ct_series) and "over the limit of 1.0 MiB" in refused["reason"]
+    assert refused["reason"].startswith("cannot retrieve the series: ")  # refused from the QIDO answer, before WADO
     assert small.exit_code == 1 and not small.cases
+
+
+def test_parts_retrieve_and_segment_only_their_series(tmp_path, pacs, credentials, shared_data, threshold_config):
+    study, _ = _uids(_files(shared_data / "dicom" / MR_STUDY / SERIES["t1post"])[0])
+    sources = []
+    for part in (0, 1):
+        report = segment(f"{pacs.dicomweb}/studies/{study}", str(tmp_path), bundle=str(BUNDLE), config=threshold_config,
+                         num_parts=2, part_id=part, quiet=True)  # fmt: skip
+        assert report.exit_code == 0 and (tmp_path / f"report_part{part}.json").is_file()
+        sources += [c.source for c in report.cases if c.status == "done"]
+    assert len(sources) == len(set(sources)) == 2  # one series each, none twice
 
 
 def test_urls_credentials_and_servers_that_cannot_be_used(tmp_path, pacs, monkeypatch, shared_data):
