@@ -12,6 +12,7 @@ which drops the port from the plugin's retrieve URLs: the config written here le
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 
@@ -60,6 +62,24 @@ class Orthanc:
         answer = requests.get(f"{self.dicomweb}/series", params=params, auth=self.auth, timeout=60)
         answer.raise_for_status()
         return answer.json() if answer.content else []
+
+    def retrieve(self, study: str, series: str) -> list[pydicom.Dataset]:
+        """The instances of a series, through WADO-RS."""
+        answer = requests.get(f"{self.dicomweb}/studies/{study}/series/{series}", auth=self.auth, timeout=120,
+                              headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
+        answer.raise_for_status()
+        boundary = answer.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+        parts = answer.content.split(b"--" + boundary)[1:-1]
+        return [pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n"))) for part in parts]
+
+    def segs_of(self, series_uid: str) -> list[pydicom.Dataset]:
+        """The DICOM SEG instances on the server that reference the image series ``series_uid``."""
+        segs = []
+        for item in self.series("SEG"):
+            for ds in self.retrieve(item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]):
+                if ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid:
+                    segs.append(ds)
+        return segs
 
     def delete_series(self, uids: Iterable[str]) -> None:
         """Remove the series with these SeriesInstanceUIDs (e.g. the SEGs a test stored)."""
