@@ -11,7 +11,9 @@ slices). The stock ``monaibundle`` app starts offline and infers with the setup 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,3 +216,39 @@ def test_stock_app_starts_offline_and_infers_from_the_pacs(stock_server, series,
     reference = read_dicom_series(files)
     assert out.shape == tuple(reference.shape)
     np.testing.assert_allclose(out.affine, np.asarray(reference.affine), atol=1e-4)
+
+
+def test_listing_settings_a_user_setting_wins(monkeypatch):
+    """The series filter: --conf, else MONAI Label's setting when the user set it, else the bundle's modality; the
+    list lifetime likewise, with 30 s as the app's default (MONAI Label's is 7200 s)."""
+    from ic_moe_monai.label import dicomweb
+
+    monkeypatch.setattr(dicomweb, "_user_set", lambda name: False)
+    assert dicomweb.cache_expiry({}) == (30.0, "the app's default")
+    assert dicomweb.search_filters({}, BUNDLE) == ([{"Modality": "MR"}], "the bundle's modality (MR)")
+    both = dicomweb.search_filters({"dicomweb_search_filter": '[{"Modality": "CT"}, {"Modality": "MR"}]'}, BUNDLE)
+    assert both[0] == [{"Modality": "CT"}, {"Modality": "MR"}]
+    monkeypatch.setattr(dicomweb, "_user_set", lambda name: True)
+    monkeypatch.setattr(dicomweb.settings, "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", 600)
+    monkeypatch.setattr(dicomweb.settings, "MONAI_LABEL_DICOMWEB_SEARCH_FILTER", {"Modality": "CT"})
+    assert dicomweb.cache_expiry({}) == (600.0, "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY")
+    assert dicomweb.search_filters({}, BUNDLE)[0] == [{"Modality": "CT"}]
+    assert dicomweb.cache_expiry({"dicomweb_cache_expiry": "5"}) == (5.0, "--conf dicomweb_cache_expiry")
+    for bad in ("-1", "soon"):
+        with pytest.raises(ValueError, match="dicomweb_cache_expiry must be a number of seconds"):
+            dicomweb.cache_expiry({"dicomweb_cache_expiry": bad})
+    with pytest.raises(ValueError, match="dicomweb_search_filter is not JSON"):
+        dicomweb.search_filters({"dicomweb_search_filter": "Modality=MR"}, BUNDLE)
+
+
+def test_a_user_setting_is_told_from_monai_labels_default():
+    """``monailabel start_server`` exports every setting before the app starts; the settings object still knows
+    which ones the user gave."""
+    code = (
+        "from ic_moe_monai.label.dicomweb import _user_set as given\n"
+        "print(given('MONAI_LABEL_DICOMWEB_SEARCH_FILTER'), given('MONAI_LABEL_DICOMWEB_CACHE_EXPIRY'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    given = subprocess.run([sys.executable, "-c", code], env={**env, "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "5"},
+                           capture_output=True, text=True, timeout=300, cwd="/")  # fmt: skip
+    assert given.stdout.split() == ["False", "True"], given.stderr[-2000:]
