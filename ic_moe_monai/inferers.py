@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
 from ic_moe_monai.amp import autocast, resolve_amp_dtype
+from ic_moe_monai.networks.ensemble import average_predictions, mirror_flips
 
 __all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
 
@@ -60,6 +61,9 @@ class SliceContextInferer(Inferer):
         argmax: return the label of each voxel ``(B, 1, X, Y, Z)`` (uint8) instead of the logits; the argmax is
             taken per batch of slices (upsampled in bounded chunks), so the volume's logits are never held at once.
         chunk_bytes: with ``argmax``, full-resolution float32 logits are made for at most this many bytes at a time.
+        mirror_axes: test-time augmentation: in-plane axes (0, 1) of each slice to mirror; the softmax of every
+            mirrored copy is flipped back and averaged (nnU-Net's mirroring), and the output is the log of the
+            average. Empty: the network's own logits.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class SliceContextInferer(Inferer):
         progress: Progress | None = None,
         argmax: bool = False,
         chunk_bytes: int = 2**28,
+        mirror_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if mode not in ("resize", "sliding_window"):
@@ -99,6 +104,7 @@ class SliceContextInferer(Inferer):
         self.progress = progress
         self.argmax = argmax
         self.chunk_bytes = chunk_bytes
+        self.flips = mirror_flips(mirror_axes)
 
     def __call__(
         self,
@@ -106,6 +112,7 @@ class SliceContextInferer(Inferer):
         network: Callable[..., Any],
         *args: Any,
         progress: Progress | None = None,
+        mirror: bool = True,
         **kwargs: Any,
     ) -> torch.Tensor:
         """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32), or labels ``(B, 1, X, Y, Z)`` (uint8)
@@ -115,6 +122,8 @@ class SliceContextInferer(Inferer):
             inputs: the volumes, on any device.
             network: the 2D network; ``args`` and ``kwargs`` are passed to it, as MONAI's inferers do.
             progress: called with ``(slices done, slices in the volume)`` after each batch.
+            mirror: False skips the test-time mirroring of ``mirror_axes`` for this call (e.g. when the network
+                records what it sees).
         """
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"SliceContextInferer expects a (B, 1, X, Y, Z) volume, got {tuple(inputs.shape)}.")
@@ -124,7 +133,7 @@ class SliceContextInferer(Inferer):
         volumes = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         volumes = volumes.movedim(2 + self.slice_axis, -1)  # slices last (a view)
         report = progress if progress is not None else self.progress
-        run = _Run(network, args, kwargs, sw_device, device, report)
+        run = _Run(network, args, kwargs, sw_device, device, report, self.flips if mirror else [()])
         outputs = [self._volume(v[0], run) for v in volumes]
         output = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs, dim=0)  # no copy for one volume
         return output.movedim(-1, 2 + self.slice_axis)
@@ -153,7 +162,7 @@ class SliceContextInferer(Inferer):
                     stack,
                     roi_size=size,
                     sw_batch_size=stack.shape[0],
-                    predictor=lambda x: _logits(run.network(x, *run.args, **run.kwargs)),
+                    predictor=run.predict,
                     overlap=self.overlap,
                     mode="gaussian",
                 )
@@ -161,7 +170,7 @@ class SliceContextInferer(Inferer):
             native = tuple(stack.shape[-2:])
             if native != size:
                 stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
-            logits = _logits(run.network(stack, *run.args, **run.kwargs))
+            logits = run.predict(stack)
         if native == size:
             return channel_argmax(logits) if self.argmax else logits.float()
         if not self.argmax:
@@ -176,9 +185,15 @@ class _Run:
     """What one inferer call needs below ``__call__``: the network, its extra arguments and the devices."""
 
     def __init__(self, network: Callable, args: tuple, kwargs: dict, sw_device: torch.device, device: torch.device,
-                 progress: Progress | None) -> None:  # fmt: skip
+                 progress: Progress | None, flips: list[tuple[int, ...]]) -> None:  # fmt: skip
         self.network, self.args, self.kwargs, self.progress = network, args, kwargs, progress
-        self.sw_device, self.device = sw_device, device
+        self.sw_device, self.device, self.flips = sw_device, device, flips
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits for a slice batch, or the log of its mirror-averaged probabilities."""
+        if len(self.flips) == 1:
+            return _logits(self.network(x, *self.args, **self.kwargs))
+        return average_predictions([lambda v: self.network(v, *self.args, **self.kwargs)], x, self.flips)
 
 
 def _slice_major(channels: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

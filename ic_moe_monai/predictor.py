@@ -22,7 +22,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, Invertd, LoadImaged
-from monai.utils import TraceKeys
+from monai.utils import TraceKeys, str2bool
 from torch.utils.data._utils.collate import collate, default_collate, default_collate_fn_map
 
 from ic_moe_monai.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
@@ -32,6 +32,7 @@ from ic_moe_monai.io.discovery import Case
 from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
 from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
+from ic_moe_monai.postprocessing import keep_largest_component
 
 __all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",
            "read_metadata"]  # fmt: skip
@@ -60,6 +61,8 @@ class BundleSegmenter:
             ``inference_batch_size_cuda`` on a GPU).
         amp: autocast on CUDA (default: the bundle's ``amp``).
         amp_dtype: ``"auto"``, ``"bfloat16"`` or ``"float16"`` (default: the bundle's ``amp_dtype``).
+        options: config values set before anything is built, e.g. ``{"tta_mirror": False}`` (the inference-time
+            options ``tta_mirror``, ``keep_largest_component`` and ``ensemble_ckpts`` of ``inference.json``).
 
     Raises:
         BundleError: the bundle or a config is missing or cannot be read, a part cannot be built (e.g. the network
@@ -74,6 +77,7 @@ class BundleSegmenter:
         batch_size: int | None = None,
         amp: bool | None = None,
         amp_dtype: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         bundle = Path(bundle)
         self.bundle = bundle
@@ -87,6 +91,8 @@ class BundleSegmenter:
             parser["amp"] = bool(amp)
         if amp_dtype is not None:
             parser["amp_dtype"] = str(amp_dtype)
+        for key, value in (options or {}).items():
+            parser[key] = value
         if str(parser.get("inferer", {}).get("_target_", "")).endswith("SliceContextInferer"):
             parser["inferer#argmax"] = True  # labels per slice batch: the volume's logits are never held at once
         metadata = read_metadata(bundle)
@@ -102,6 +108,11 @@ class BundleSegmenter:
         self.network = _parsed(bundle, parser, "network")
         self.ckpt_path = Path(_parsed(bundle, parser, "ckpt_path"))
         self.load_weights()
+        # test-time averaging over checkpoints (and the plain network without any), as the bundle's evaluator runs
+        self.prediction_network = (
+            _parsed(bundle, parser, "prediction_network") if "prediction_network" in parser else self.network
+        )
+        self.keep_largest_component = str2bool(parser.get_parsed_content("keep_largest_component", default=False))
         transforms = _parsed(bundle, parser, "preprocessing").transforms
         self.preprocessing = Compose([t for t in transforms if not isinstance(t, LoadImaged)])
         self.inferer = _parsed(bundle, parser, "inferer")
@@ -153,15 +164,15 @@ class BundleSegmenter:
         with torch.inference_mode():
             inputs = image[None].to(self.device)  # a no-op when the preprocessing put it there already
             if isinstance(self.inferer, SliceContextInferer):
-                output = self.inferer(inputs, self.network, progress=progress)
+                output = self.inferer(inputs, self.prediction_network, progress=progress)
             else:
-                output = self.inferer(inputs, self.network)
+                output = self.inferer(inputs, self.prediction_network)
             output = output.as_tensor() if isinstance(output, MetaTensor) else output
             labels = output[0] if output.shape[1] == 1 else channel_argmax(output)[0]
             pred = MetaTensor(labels.to(torch.uint8), meta=dict(image.meta),
                               applied_operations=list(image.applied_operations))  # fmt: skip
-            inverted = self.inverter({**data, "pred": pred})["pred"]
-            return inverted.cpu()  # the only transfer back: the uint8 labelmap
+            inverted = self.inverter({**data, "pred": pred})["pred"].cpu()  # the only transfer back: uint8 labels
+        return keep_largest_component(inverted) if self.keep_largest_component else inverted
 
     def __call__(self, image: MetaTensor, progress: Progress | None = None) -> MetaTensor:
         """Labels ``(1, X, Y, Z)`` of a loaded image: :meth:`preprocess`, then :meth:`predict`."""

@@ -31,6 +31,8 @@ import logging
 import os
 import platform
 import re
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -48,6 +50,15 @@ import torch
 from monai.data import MetaTensor
 
 from ic_moe_monai.io import Case, Skipped, discover_cases
+from ic_moe_monai.io.dicomweb import (
+    DicomwebClient,
+    DicomwebError,
+    DicomwebSource,
+    find_series,
+    is_dicomweb_url,
+    retrieve_series,
+    stored_receipt,
+)
 from ic_moe_monai.io.guards import MAX_BYTES_ENV, ImageError, max_image_bytes
 from ic_moe_monai.io.saving import BackgroundWriter
 from ic_moe_monai.io.writers import (
@@ -142,9 +153,13 @@ def segment(
     num_parts: int | None = None,
     part_id: int | None = None,
     max_image_size: int | str | None = None,
+    push: bool = False,
+    tta: bool | None = None,
+    keep_largest_component: bool | None = None,
     quiet: bool = False,
 ) -> SegmentReport:
-    """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them) into OUTPUT.
+    """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them; or the series
+    a DICOMweb URL names) into OUTPUT.
 
     Per case ``<name>.nii.gz`` (labelmap in the input's geometry), with ``dicom_seg`` ``<name>_seg.dcm`` (DICOM
     input only), with ``statistics`` ``<name>_statistics.json/.csv`` (volume in mL and mean intensity per label,
@@ -153,7 +168,10 @@ def segment(
     may replace an input file.
 
     Args:
-        input: a file, a DICOM series folder, or a folder tree.
+        input: a file, a DICOM series folder, or a folder tree; or a DICOMweb URL: ``<root>/studies/<uid>``,
+            ``<root>/studies/<uid>/series/<uid>`` or a QIDO-RS query ``<root>/series?Modality=MR&...`` (see
+            :mod:`ic_moe_monai.io.dicomweb`; credentials from ``IC_MOE_DICOMWEB_USER`` / ``_PASSWORD`` or
+            ``IC_MOE_DICOMWEB_TOKEN``). The series are retrieved into a temporary folder, removed at the end.
         output: the output folder (created if needed).
         bundle: the MONAI bundle folder (``configs/inference.json`` and ``models/model.pt``), or (from Python) a
             ``BundleSegmenter`` already built, reused as it is (then ``config`` and ``batch_size`` must be left out
@@ -173,12 +191,21 @@ def segment(
         max_image_size: the largest image accepted, as float32 bytes or with a unit (``4G``, ``512M``); a larger
             one is refused from its header, before any voxel is read (default ``$IC_MOE_MAX_IMAGE_BYTES``, else
             1/8 of the memory, at most 4 GiB).
+        push: store each case's DICOM SEG back on the DICOMweb server of the input (STOW-RS); implies
+            ``dicom_seg``. A case whose SEG cannot be made or stored fails; a stored one gets ``<name>_seg_stored.json``
+            (what the server answered), so a rerun does not store it again.
+        tta: mirror test-time augmentation on or off (default: the bundle's ``tta_mirror``): each slice and its
+            mirror images (the bundle's ``tta_mirror_axes``) go through the network and their probabilities are
+            averaged.
+        keep_largest_component: keep only the largest connected component of each label, on or off (default: the
+            bundle's ``keep_largest_component``).
         quiet: no progress bars; log warnings only.
 
     Raises:
         UsageError: a bad option value, an output folder that cannot be created or written, an output folder that
-            is the input folder, or an output that would replace an input file; all before the model is loaded.
-        FileNotFoundError: the input does not exist.
+            is the input folder, an output that would replace an input file, a DICOMweb URL that cannot be used or a
+            server that cannot be reached or refuses the credentials; all before the model is loaded.
+        FileNotFoundError: the input does not exist (also: a study or series URL naming nothing on the server).
         ~ic_moe_monai.predictor.BundleError: the bundle cannot be used (configs, network, weights).
     """
     started = time.monotonic()
@@ -194,26 +221,82 @@ def segment(
     batch_size = None if batch_size is None else _integer("batch_size", batch_size, 1)
     num_workers = _integer("num_workers", num_workers, 0)
     max_bytes = _size_limit(max_image_size)
+    push = _flag("push", push)
+    switches = {"tta_mirror": ("tta", tta),
+                "keep_largest_component": ("keep_largest_component", keep_largest_component)}
+    options = {key: _flag(name, value) for key, (name, value) in switches.items() if value is not None}
+    remote = _remote_input(input) if is_dicomweb_url(input) else None
+    if push and remote is None:
+        raise UsageError("push stores the DICOM SEGs on the DICOMweb server the series come from: it needs a "
+                         "DICOMweb input URL.")  # fmt: skip
+    if push and "dicom_seg" not in wanted:
+        wanted.append("dicom_seg")
     if isinstance(bundle, BundleSegmenter):
+        if options:
+            raise UsageError("tta and keep_largest_component are set when a BundleSegmenter is built, not here.")
         torch_device = _reused_segmenter_device(bundle, configs, batch_size, device)
     else:
         torch_device = _resolve_device(device)
-    if not os.path.lexists(input):
+    if remote is None and not os.path.lexists(input):
         raise FileNotFoundError(f"input {input}: no such file or folder.")
-    out_dir = _prepare_output(Path(input), Path(output))
-    all_cases, skipped = discover_cases(input, exclude=_excluded(Path(input), out_dir))
+    out_dir = _prepare_output(None if remote else Path(input), Path(output))
+    with ExitStack() as fetched:
+        if remote is None:
+            local, shown, remote_skipped = Path(input), _PathsShown(), []
+            all_cases, skipped = discover_cases(input, exclude=_excluded(local, out_dir))
+        else:
+            # each part retrieves only the series it segments
+            retrieved = _retrieved(*remote, max_bytes, quiet, num_parts, part_id)
+            local, shown, remote_skipped = fetched.enter_context(retrieved)
+            all_cases, skipped = discover_cases(local)
+        skipped = remote_skipped + skipped
+        return _segment_cases(input, bundle, configs, torch_device, wanted, statistics, preview, overwrite,
+                              batch_size, num_workers, num_parts, part_id, max_bytes, quiet, out_dir, all_cases,
+                              skipped, shown, remote[1] if push and remote else None, started,
+                              split=remote is None, options=options)  # fmt: skip
+
+
+def _segment_cases(
+    input: str,
+    bundle: str | Path | BundleSegmenter,
+    configs: list[str],
+    torch_device: torch.device,
+    wanted: list[str],
+    statistics: bool,
+    preview: bool,
+    overwrite: bool,
+    batch_size: int | None,
+    num_workers: int,
+    num_parts: int,
+    part_id: int,
+    max_bytes: int,
+    quiet: bool,
+    out_dir: Path,
+    all_cases: list[Case],
+    skipped: list[Skipped],
+    shown: _PathsShown,
+    push: DicomwebClient | None,
+    started: float,
+    split: bool = True,
+    options: dict[str, bool] | None = None,
+) -> SegmentReport:
+    """The run on the cases found (of all parts when ``split``, else of this part only): refuse outputs that would
+    replace inputs, plan, segment, write the report."""
     suffix = f"_part{part_id}" if num_parts > 1 else ""
     run_files = [out_dir / f"report{suffix}.json", out_dir / f"statistics{suffix}.csv"]
-    _refuse_replacing_inputs(all_cases, _all_outputs(out_dir, all_cases, wanted, statistics, preview, run_files))
+    _refuse_replacing_inputs(all_cases, _all_outputs(out_dir, all_cases, wanted, statistics, preview, run_files,
+                                                     push is not None))  # fmt: skip
 
     bundle_name = str(bundle.bundle) if isinstance(bundle, BundleSegmenter) else str(bundle)
     settings = {"bundle": bundle_name, "config": configs, "formats": wanted, "statistics": statistics,
                 "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
-                "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes}  # fmt: skip
+                "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes,
+                "push": push is not None, **(options or {})}  # fmt: skip
     report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
                            device=_device_name(torch_device), run_id=run_id())  # fmt: skip
 
     with ExitStack() as run:
+        run.enter_context(shown.in_logs(logger))
         reader_notes = run.enter_context(_library_logs())
         if not run.enter_context(exclusive_lock(out_dir / REPORT_LOCK.format(run_files[0].name), remove=True)):
             # another run is writing into this folder: its report keeps its name, this one's gets the run id
@@ -221,14 +304,19 @@ def segment(
             logger.warning("another run is writing into %s: this run's report is %s", out_dir, run_files[0].name)
         _remove_leftovers(out_dir)
         _list_not_segmented(report, input, all_cases, skipped)
-        todo = _plan(report, all_cases[part_id::num_parts], out_dir, wanted, statistics, preview, overwrite)
+        mine = all_cases[part_id::num_parts] if split else all_cases
+        todo = _plan(report, mine, out_dir, wanted, statistics, preview, overwrite,
+                     push is not None)  # fmt: skip
         if todo:
             if isinstance(bundle, BundleSegmenter):
                 segmenter = bundle
             else:
-                segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size)
+                segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size, options=options)
             settings["batch_size"] = segmenter.batch_size
-            _run_cases(_Job(segmenter, out_dir, overwrite, max_bytes, reader_notes), todo, num_workers, quiet)
+            settings["tta_mirror"] = len(getattr(segmenter.inferer, "flips", [()])) > 1
+            settings["keep_largest_component"] = segmenter.keep_largest_component
+            _run_cases(_Job(segmenter, out_dir, overwrite, max_bytes, reader_notes, push), todo, num_workers, quiet)
+        shown.in_report(report)
         _write_run_files(report, run_files, statistics, time.monotonic() - started)
     counts = {s: sum(c.status == s for c in report.cases) for s in ("done", "failed", SKIPPED_EXISTS, SKIPPED_BUSY)}
     logger.info("%d segmented, %d already done, %d written by another run, %d failed, %d inputs not segmented "
@@ -255,13 +343,18 @@ def _plan(
     statistics: bool,
     preview: bool,
     overwrite: bool,
+    push: bool = False,
 ) -> list[tuple[Case, CaseResult]]:
     """A result per case in the report; the cases to segment (not finished yet, or all with ``overwrite``)."""
     todo = []
     for case in cases:
         result = CaseResult(name=case.name, source=str(case.path), status="done")
-        result.outputs = _output_paths(out_dir, case, formats, statistics, preview, result.notes)
-        if not result.outputs:
+        result.outputs = _output_paths(out_dir, case, formats, statistics, preview, result.notes, push)
+        if push and "pushed" not in result.outputs:  # asked to store a SEG that cannot be made
+            result.status, result.outputs = "failed", {}
+            result.error = f"{case.path}: cannot push: no DICOM SEG ({case.dicom_seg_problem})"
+            logger.warning("failed: %s", result.error)
+        elif not result.outputs:
             result.status = SKIPPED_NOTHING
         elif not overwrite and _finished(result):
             result.status = SKIPPED_EXISTS
@@ -281,6 +374,7 @@ class _Job:
     overwrite: bool
     max_bytes: int
     reader_notes: _ReaderNotes
+    push: DicomwebClient | None = None  # where the DICOM SEGs are stored, with --push
 
 
 def _run_cases(job: _Job, todo: list[tuple[Case, CaseResult]], num_workers: int, quiet: bool) -> None:
@@ -314,7 +408,7 @@ def _run_cases(job: _Job, todo: list[tuple[Case, CaseResult]], num_workers: int,
                 del data
                 needs_image = "statistics_json" in result.outputs or "preview" in result.outputs
                 writer.submit(_finish_case, case, result, image if needs_image else None, labels, job.segmenter,
-                              progress_cases, lock)  # fmt: skip
+                              progress_cases, lock, job.push)  # fmt: skip
             except Exception as err:  # one bad case must not stop the batch
                 _fail(case, result, err, remove_outputs=lock is not None)
                 if lock is not None:
@@ -332,11 +426,12 @@ def _finish_case(
     seg: BundleSegmenter,
     progress: Any,
     lock: _CaseLock | None,
+    push: DicomwebClient | None = None,
 ) -> None:
     """Write one case's outputs (in the writing thread), record how it went, and release the case."""
     try:
         start = time.monotonic()
-        _write_outputs(case, result, image, labels, seg)
+        _write_outputs(case, result, image, labels, seg, push)
         result.seconds["write"] = round(time.monotonic() - start, 3)
         logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     except Exception as err:  # one bad case must not stop the batch
@@ -495,7 +590,13 @@ class _CaseLoader:
 
 
 def _output_paths(
-    out_dir: Path, case: Case, formats: list[str], statistics: bool, preview: bool, notes: list[str] | None = None
+    out_dir: Path,
+    case: Case,
+    formats: list[str],
+    statistics: bool,
+    preview: bool,
+    notes: list[str] | None = None,
+    push: bool = False,
 ) -> dict[str, str]:
     paths = {}
     if "nifti" in formats:
@@ -503,7 +604,9 @@ def _output_paths(
     if "dicom_seg" in formats:
         if case.dicom_seg_problem is None:
             paths["dicom_seg"] = out_dir / f"{case.name}_seg.dcm"
-        elif notes is not None:
+            if push:  # the receipt of the stored SEG: a case stored once is finished, and a rerun resumes
+                paths["pushed"] = out_dir / f"{case.name}_seg_stored.json"
+        elif notes is not None and not push:
             notes.append(f"no DICOM SEG: {case.dicom_seg_problem}")
     if statistics:
         paths["statistics_json"] = out_dir / f"{case.name}_statistics.json"
@@ -514,10 +617,16 @@ def _output_paths(
 
 
 def _write_outputs(
-    case: Case, result: CaseResult, image: MetaTensor | None, labels: MetaTensor, seg: BundleSegmenter
+    case: Case,
+    result: CaseResult,
+    image: MetaTensor | None,
+    labels: MetaTensor,
+    seg: BundleSegmenter,
+    push: DicomwebClient | None = None,
 ) -> None:
     """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case. A DICOM SEG that
-    cannot be made is a note on the case, whose other outputs are still written."""
+    cannot be made is a note on the case, whose other outputs are still written, unless it is to be pushed: then
+    the case fails, as it does when the server does not store it."""
     label_array = np.asarray(labels[0], dtype=np.uint8)  # keeps the labelmap's memory order (NIfTI's, x fastest)
     affine = np.asarray(labels.affine, dtype=np.float64)
     outputs = result.outputs
@@ -526,6 +635,8 @@ def _write_outputs(
             write_dicom_seg(label_array, affine, case.files, seg.label_names, outputs["dicom_seg"], seg.version,
                             segment_codes=getattr(seg, "segment_codes", None))  # fmt: skip
         except Exception as err:  # the SEG is one output among others: the case keeps its labelmap
+            if push is not None:
+                raise _OutputError(f"{case.path}: cannot push: no DICOM SEG ({_one_line(err)})") from err
             with suppress(OSError):  # an earlier run's SEG would not match the new labelmap
                 Path(outputs.pop("dicom_seg")).unlink(missing_ok=True)
             note = f"no DICOM SEG: {_one_line(err)}"
@@ -538,9 +649,25 @@ def _write_outputs(
     with _writing("the preview", case):
         if "preview" in outputs:
             write_preview(np.asarray(image), label_array, affine, outputs["preview"], seg.label_names)
+    if push is not None and "pushed" in outputs:
+        _push_seg(case, Path(outputs["dicom_seg"]), Path(outputs["pushed"]), push)
     with _writing("the labelmap", case):
         if "nifti" in outputs:
             write_nifti_labels(label_array, affine, outputs["nifti"])
+
+
+def _push_seg(case: Case, seg_file: Path, receipt: Path, client: DicomwebClient) -> None:
+    """Store the case's DICOM SEG in its study on the server (STOW-RS), and keep what the server answered.
+
+    Raises:
+        _OutputError: the server did not store it (the message names the URL and the reason).
+    """
+    try:
+        urls = client.store([seg_file], study=case.study_uid or None)
+    except DicomwebError as err:
+        raise _OutputError(f"{case.path}: cannot push the DICOM SEG ({err})") from err
+    with _writing("the push receipt", case), atomic_output(receipt) as tmp:
+        tmp.write_text(stored_receipt(urls, seg_file))
 
 
 class _OutputError(RuntimeError):
@@ -615,15 +742,15 @@ def _run_error(report: SegmentReport, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ input and output
-def _prepare_output(input: Path, output: Path) -> Path:
-    """Create the output folder and check that files can be written into it.
+def _prepare_output(input: Path | None, output: Path) -> Path:
+    """Create the output folder and check that files can be written into it (``input`` None: a DICOMweb input).
 
     Raises:
         UsageError: ``output`` is a file, is the input folder, cannot be created, or cannot be written into.
     """
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output}: exists and is not a folder.")
-    if output.is_dir() and input.is_dir() and os.path.samefile(input, output):
+    if input is not None and output.is_dir() and input.is_dir() and os.path.samefile(input, output):
         raise UsageError(
             f"output {output} is the input folder {input}: outputs written there would be read as inputs by the "
             "next run; choose another output folder (one inside the input is fine)."
@@ -647,6 +774,110 @@ def _prepare_output(input: Path, output: Path) -> Path:
     return output
 
 
+def _remote_input(url: str) -> tuple[DicomwebSource, DicomwebClient]:
+    """The study, series or query a DICOMweb input URL names, and a client of its server.
+
+    Raises:
+        UsageError: a URL that names none, carries credentials, or credentials in the environment that are half set.
+    """
+    try:
+        source = DicomwebSource.parse(url)
+        return source, DicomwebClient(source.root)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+@contextmanager
+def _retrieved(
+    source: DicomwebSource, client: DicomwebClient, max_bytes: int, quiet: bool, num_parts: int = 1, part_id: int = 0
+) -> Iterator[tuple[Path, _PathsShown, list[Skipped]]]:
+    """Retrieve the image series ``source`` names (of part ``part_id`` of ``num_parts``, in UID order) into a
+    temporary folder, removed after the block; yield it, how its paths are shown (as the URLs they came from), and
+    the series not retrieved with the reason.
+
+    Raises:
+        UsageError: the server cannot be reached or refuses the query or the credentials (nothing is retrieved).
+        FileNotFoundError: a study or series URL that names nothing on the server.
+    """
+    try:
+        series, skipped = find_series(client, source)
+    except DicomwebError as err:
+        raise UsageError(str(err)) from err
+    series = sorted(series, key=lambda s: (s.study, s.series))[part_id::num_parts]
+    folder = Path(tempfile.mkdtemp(prefix="ic_moe_dicomweb_"))
+    try:
+        shown = _PathsShown(folder, series)
+        logger.info("retrieving %d series from %s", len(series), client.root)
+        progress = _progress_bar(quiet, total=len(series), desc="retrieving", unit="series")
+        for item in series:
+            try:
+                retrieve_series(client, item, folder, max_bytes)
+            except (DicomwebError, ImageError, OSError) as err:
+                shutil.rmtree(folder / item.series, ignore_errors=True)  # a part of a series is no series
+                reason = str(err).removeprefix(f"{item.url}: ")
+                skipped.append(Skipped(item.url, f"cannot retrieve the series: {reason}"))
+            progress.update(1)
+        progress.close()
+        yield folder, shown, skipped
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _PathsShown:
+    """Paths of retrieved series (``<folder>/<series uid>/<instance uid>.dcm``) shown as the URLs they came from,
+    in the report and the run's log lines; other text is left as it is."""
+
+    def __init__(self, folder: Path | None = None, series: Sequence[Any] = ()) -> None:
+        self.urls = {s.series: s.url for s in series}
+        uid = r"[0-9]+(?:\.[0-9]+)*"
+        self.pattern = (
+            re.compile(re.escape(str(folder)) + rf"/(?P<series>{uid})(?:/(?P<sop>{uid})\.dcm)?") if folder else None
+        )
+
+    def __call__(self, text: str) -> str:
+        if self.pattern is None or not isinstance(text, str):
+            return text
+        return self.pattern.sub(self._url, text)
+
+    def _url(self, match: re.Match) -> str:
+        url = self.urls.get(match["series"])
+        if url is None:
+            return match[0]
+        return f"{url}/instances/{match['sop']}" if match["sop"] else url
+
+    def in_report(self, report: SegmentReport) -> None:
+        """Rewrite the report's paths of retrieved files and folders as URLs."""
+        if self.pattern is None:
+            return
+        for case in report.cases:
+            case.source = self(case.source)
+            case.error = self(case.error) if case.error else case.error
+            case.notes = [self(n) for n in case.notes]
+        for item in report.not_segmented:
+            item["path"], item["reason"] = self(item["path"]), self(item["reason"])
+        report.errors = [self(e) for e in report.errors]
+
+    @contextmanager
+    def in_logs(self, log: logging.Logger) -> Iterator[None]:
+        """Rewrite ``log``'s lines for the block."""
+        if self.pattern is None:
+            yield
+            return
+        shown = self
+
+        class _Rewrite(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                record.msg, record.args = shown(record.getMessage()), ()
+                return True
+
+        rewrite = _Rewrite()
+        log.addFilter(rewrite)
+        try:
+            yield
+        finally:
+            log.removeFilter(rewrite)
+
+
 def _excluded(input: Path, out_dir: Path) -> list[Path]:
     """The output folder when it lies inside the input folder: earlier outputs are no inputs. An input inside the
     output folder (``segment studies .``) is searched as usual."""
@@ -658,12 +889,18 @@ def _excluded(input: Path, out_dir: Path) -> list[Path]:
 
 
 def _all_outputs(
-    out_dir: Path, cases: list[Case], formats: list[str], statistics: bool, preview: bool, run_files: list[Path]
+    out_dir: Path,
+    cases: list[Case],
+    formats: list[str],
+    statistics: bool,
+    preview: bool,
+    run_files: list[Path],
+    push: bool = False,
 ) -> Iterator[Path]:
     """Every file a run may write for ``cases`` (of all parts), run files included."""
     yield from run_files
     for case in cases:
-        yield from map(Path, _output_paths(out_dir, case, formats, statistics, preview).values())
+        yield from map(Path, _output_paths(out_dir, case, formats, statistics, preview, None, push).values())
 
 
 def _refuse_replacing_inputs(cases: list[Case], outputs: Iterable[Path]) -> None:

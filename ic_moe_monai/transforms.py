@@ -3,6 +3,9 @@
 - :class:`IntensityPresetd`: one switch for the modality's intensity normalisation to [0, 1]
   (CT: a window level/width; MR: robust percentiles), with MONAI's ``ScaleIntensityRange`` arithmetic on any device.
 - :func:`percentile`: percentiles of a whole volume on its own device, bounded in time and memory for large ones.
+- :class:`LabelToImageGridd`: each label resampled onto its image's voxel grid by their affines (nearest, 0 outside
+  the label), so a label cropped to the annotated slices (as a DICOM SEG reads back) pairs with its image voxel by
+  voxel.
 - :class:`SliceNeighborsd`: a ``(C, X, Y, 3)`` crop of three consecutive axial slices (as
   ``RandCropByPosNegLabeld(spatial_size=(-1, -1, 3))`` samples them) → the 2.5D network input ``(3, X, Y)``
   and the middle slice's label ``(1, X, Y)``.
@@ -23,8 +26,17 @@ from monai.utils import convert_to_tensor
 
 from ic_moe_monai.errors import ConfigError
 
-__all__ = ["CT_WINDOWS", "MODALITIES", "IntensityPresetd", "SliceNeighborsd", "ct_window", "modality_name",
-           "percentile"]  # fmt: skip
+__all__ = [
+    "CT_WINDOWS",
+    "MODALITIES",
+    "IntensityPresetd",
+    "LabelToImageGridd",
+    "SliceNeighborsd",
+    "ct_window",
+    "label_to_image_grid",
+    "modality_name",
+    "percentile",
+]
 
 # Common CT windows (level, width) in HU.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -218,3 +230,109 @@ class SliceNeighborsd(MapTransform):
     def _check(key: Hashable, value: torch.Tensor) -> None:
         if value.ndim != 4 or value.shape[0] != 1 or value.shape[-1] != 3:
             raise ValueError(f"SliceNeighborsd: '{key}' must be (1, X, Y, 3), got {tuple(value.shape)}.")
+
+
+def label_to_image_grid(label: torch.Tensor, image: torch.Tensor, atol: float = 1e-3) -> torch.Tensor:
+    """``label`` ``(C, ...)`` on the voxel grid of ``image`` ``(C', ...)``, located by their affines: each image voxel
+    takes the label value at the same point in space (nearest neighbour), 0 where the label has no voxel.
+
+    A label on the image's own grid comes back as it is. A label whose grid is the image's up to whole-voxel
+    shifts, flips and axis permutations (a crop to the annotated slices, another orientation) is copied voxel for
+    voxel, exactly and without interpolation; any other grid is resampled with MONAI's ``ResampleToMatch``
+    (nearest, zeros outside). The result keeps the label's data type and carries the image's affine.
+
+    Args:
+        label: a channel-first label, a MetaTensor with its affine.
+        image: its channel-first image, a MetaTensor with its affine.
+        atol: tolerance, in label voxels, for a grid to count as the same or a shifted one.
+
+    Raises:
+        ValueError: naming both files, when the label holds foreground and none of it lies in the image.
+    """
+    if not isinstance(label, MetaTensor) or not isinstance(image, MetaTensor):
+        if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise ValueError(f"label of shape {tuple(label.shape)} and image of shape {tuple(image.shape)} without "
+                             "affines: the label cannot be placed on the image's grid.")  # fmt: skip
+        return label
+    image_affine = np.asarray(image.affine, dtype=np.float64)
+    label_affine = np.asarray(label.affine, dtype=np.float64)
+    shape = tuple(int(s) for s in image.shape[1:])
+    # image voxel index -> label voxel index
+    mapping = np.linalg.solve(label_affine, image_affine)
+    if tuple(label.shape[1:]) == shape and np.allclose(mapping, np.eye(4), atol=atol):
+        return label
+    linear, offset = mapping[:3, :3], mapping[:3, 3]
+    permutation = np.abs(linear).argmax(axis=0)  # the label axis each image axis runs along
+    signs = np.sign(linear[permutation, range(3)])
+    exact = np.zeros((3, 3))
+    exact[permutation, range(3)] = signs
+    if len(set(permutation)) == 3 and np.allclose(linear, exact, atol=atol) and np.allclose(offset, offset.round(),
+                                                                                             atol=atol):  # fmt: skip
+        out = _shifted_copy(label, shape, permutation, signs, offset[permutation].round().astype(int))
+    else:
+        from monai.transforms import ResampleToMatch
+
+        out = ResampleToMatch(mode="nearest", padding_mode="zeros", dtype=torch.float32)(label, image)
+        out = out.to(label.dtype)
+    result = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, meta=dict(label.meta))
+    result.affine = image.affine.clone()
+    result.meta["spatial_shape"] = np.asarray(shape)
+    if bool(label.any()) and not bool(result.any()):
+        raise ValueError(f"label {label.meta.get('filename_or_obj', '')}: none of its foreground lies in the image "
+                         f"{image.meta.get('filename_or_obj', '')}: they do not overlap in space.")  # fmt: skip
+    return result
+
+
+def _shifted_copy(
+    label: torch.Tensor, shape: tuple[int, ...], permutation: np.ndarray, signs: np.ndarray, offset: np.ndarray
+) -> torch.Tensor:
+    """The label on a grid where image index ``i`` along axis ``a`` is label index ``signs[a] * i + offset[a]``
+    along axis ``permutation[a]``; zeros where that falls outside the label."""
+    source = label.as_tensor() if isinstance(label, MetaTensor) else label
+    source = source.permute(0, *(int(p) + 1 for p in permutation))  # label axes in the image's axis order
+    flip = [a + 1 for a in range(3) if signs[a] < 0]
+    sizes = source.shape[1:]
+    # along a flipped axis, image index i reads label index offset - i, i.e. flipped index (size - 1 - offset) + i
+    start = [int(offset[a]) if signs[a] > 0 else int(sizes[a] - 1 - offset[a]) for a in range(3)]
+    if flip:
+        source = source.flip(flip)
+    out = torch.zeros((source.shape[0], *shape), dtype=source.dtype, device=source.device)
+    target, taken = [slice(None)], [slice(None)]
+    for a in range(3):
+        low, high = max(0, -start[a]), min(shape[a], sizes[a] - start[a])
+        if high <= low:
+            return out
+        target.append(slice(low, high))
+        taken.append(slice(low + start[a], high + start[a]))
+    out[tuple(target)] = source[tuple(taken)]
+    return out
+
+
+class LabelToImageGridd(MapTransform):
+    """Put each label on its image's voxel grid by their geometry (:func:`label_to_image_grid`): nearest
+    neighbour, 0 outside the label.
+
+    Meant right after loading (and ``EnsureChannelFirstd``), before anything else touches the pair: labels stored
+    apart from their images (a DICOM SEG read back from a PACS covers only the annotated slices; a label exported
+    in another orientation) then pair with the image voxel by voxel, as every later transform assumes.
+
+    Args:
+        keys: label keys.
+        image_key: the key of the image whose grid the labels take.
+        atol: tolerance, in label voxels, for a grid to count as the image's (or one shifted by whole voxels).
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "label", image_key: str = "image", atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.atol = atol
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = label_to_image_grid(d[key], d[self.image_key], self.atol)
+        return d

@@ -49,3 +49,6 @@ def sam_vit_b_checkpoint(tmp_path_factory, sam_vit_b_state) -> Path:
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
     torch.save(sam_vit_b_state, path)
     return path
+
+
+from tests.orthanc import orthanc_server  # noqa: E402, F401 (the session's Orthanc PACS, for tests that need one)

@@ -113,13 +113,25 @@ def expected_threshold_labels(data: np.ndarray) -> np.ndarray:
 
 
 def threshold_bundle_config(folder: Path, img_size: int) -> Path:
-    """A config file that turns the bundle into the :class:`ThresholdNet` bundle (weights saved beside it)."""
+    """A config file that turns the bundle into the :class:`ThresholdNet` bundle (weights saved beside it), whose
+    labelmap of any volume is known voxel by voxel (:func:`expected_threshold_labels`): no component cleaning."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ThresholdNet().state_dict(), folder / "threshold.pt")
     config = {"network_def": {"_target_": "tests.helpers.ThresholdNet"}, "img_size": img_size,
-              "ckpt_path": str(folder / "threshold.pt")}  # fmt: skip
+              "ckpt_path": str(folder / "threshold.pt"), "keep_largest_component": False}  # fmt: skip
     (folder / "threshold.json").write_text(json.dumps(config))
     return folder / "threshold.json"
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+OBLIQUE = rotation("z", 20) @ rotation("x", 15)
 
 
 CT_LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}

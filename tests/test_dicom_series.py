@@ -13,18 +13,8 @@ from monai.data import ITKReader
 
 from ic_moe_monai.io import ImageError, discover_cases, read_dicom_series
 
-from .helpers import write_dicom_series
+from .helpers import OBLIQUE, write_dicom_series
 
-
-def _rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-OBLIQUE = _rotation("z", 20) @ _rotation("x", 15)
 ORIENTATIONS = {
     "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     "oblique": (tuple(OBLIQUE[:, 0]), tuple(OBLIQUE[:, 1])),

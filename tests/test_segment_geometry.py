@@ -19,20 +19,11 @@ from ic_moe_monai.io import discover_cases
 from ic_moe_monai.io.writers import labels_to_dicom_frames
 from ic_moe_monai.segment import segment
 
-from .helpers import BUNDLE, expected_threshold_labels, threshold_bundle_config, write_dicom_series
+from .helpers import BUNDLE, OBLIQUE, expected_threshold_labels, rotation, threshold_bundle_config, write_dicom_series
 
 SIZE = 16  # rows = columns = slices, the network's img_size: no in-plane resize, so the answer is exact
 
 
-def _rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-OBLIQUE = _rotation("z", 20) @ _rotation("x", 15)
 SERIES = {  # name: (row direction, column direction) as ImageOrientationPatient (LPS)
     "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     "oblique": (tuple(OBLIQUE[:, 0]), tuple(OBLIQUE[:, 1])),
@@ -147,7 +138,7 @@ def test_labels_to_dicom_frames_rejects_foreign_geometry(dicom_studies):
     with pytest.raises(ValueError, match="not on a slice"):
         labels_to_dicom_frames(labels, shifted, headers)
     rotated = affine.copy()
-    rotated[:3, :3] = _rotation("z", 10) @ affine[:3, :3]
+    rotated[:3, :3] = rotation("z", 10) @ affine[:3, :3]
     with pytest.raises(ValueError, match="orientation"):
         labels_to_dicom_frames(labels, rotated, headers)
 

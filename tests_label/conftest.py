@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from tests.conftest import shared_data_dir
+from tests.orthanc import orthanc_server  # noqa: F401 (the session's Orthanc PACS, for the DICOMweb tests)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -30,7 +31,7 @@ class Server:
     url: str
     log: Path
     bundle: Path  # the bundle folder the server serves (a copy)
-    studies: Path
+    studies: Path | str  # a folder (a copy of the test's), or the URL of a DICOMweb server
 
     def infer(self, model: str, image: str, params: dict | None = None, timeout: float = 300) -> requests.Response:
         import json
@@ -59,14 +60,23 @@ def studies(tmp_path_factory) -> Path:
     return root
 
 
-def start_server(tmp: Path, studies: Path, app: Path, conf: dict[str, str]) -> Iterator[Server]:
-    """Start ``monailabel start_server`` and wait until ``/info/`` answers; stop it afterwards."""
+def start_server(
+    tmp: Path, studies: Path | str, app: Path, conf: dict[str, str], env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start ``monailabel start_server`` and wait until ``/info/`` answers; stop it afterwards.
+
+    ``studies``: a folder (the server gets a copy) or a DICOMweb URL; ``env``: variables added to the server's
+    environment (a ``PATH`` there replaces the default, which puts this environment's ``bin`` first).
+    """
     port = _free_port()
-    own_studies = tmp / "studies"
-    shutil.copytree(studies, own_studies)
+    if isinstance(studies, Path):
+        own_studies: Path | str = tmp / "studies"
+        shutil.copytree(studies, own_studies)
+    else:
+        own_studies = studies
     log = tmp / "server.log"
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     command = [str(Path(venv_bin) / "monailabel"), "start_server", "--app", str(app), "--studies", str(own_studies),
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     for key, value in conf.items():

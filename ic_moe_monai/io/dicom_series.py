@@ -20,6 +20,7 @@ import pydicom
 import torch
 from monai.data import MetaTensor
 
+from ic_moe_monai.io.discovery import _common_folder, _positions_along_normal
 from ic_moe_monai.io.guards import ImageError, _one_line, check_dicom_series
 
 __all__ = ["LPS_TO_RAS", "dicom_series_affine", "read_dicom_series"]
@@ -142,17 +143,3 @@ def _to_monochrome2(paths: Sequence[Path], datasets: Sequence[pydicom.Dataset], 
         np.subtract(low + high, volume, out=volume)
     elif kinds[0] != "MONOCHROME2":
         raise ImageError(f"{paths[0]}: PhotometricInterpretation {kinds[0]}; a grayscale series is needed.")
-
-
-def _positions_along_normal(datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
-    orientation = [float(v) for v in datasets[0].ImageOrientationPatient]
-    normal = np.cross(orientation[:3], orientation[3:])
-    return np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets]) @ normal
-
-
-def _common_folder(paths: Sequence[Path]) -> Path:
-    parents = [p.parent for p in paths]
-    common = parents[0]
-    while any(common not in (p, *p.parents) for p in parents):
-        common = common.parent
-    return common

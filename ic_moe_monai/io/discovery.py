@@ -74,7 +74,7 @@ class Case:
 class Skipped:
     """Something found in the input that is not segmented, and why."""
 
-    path: Path
+    path: Path | str  # a file or folder; a URL for what a DICOMweb server holds
     reason: str
     failure: bool = True  # a bad or rejected input; False for DICOM objects that are simply not images
 

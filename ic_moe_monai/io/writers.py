@@ -421,8 +421,13 @@ def write_dicom_seg(
     path: str | Path,
     algorithm_version: str = "",
     segment_codes: Mapping[int, Mapping[str, SegmentCode]] | None = None,
+    algorithm_type: str = "AUTOMATIC",
+    series_description: str = "IC-MoE segmentation",
 ) -> None:
     """A binary DICOM Segmentation (one segment per non-background label) referencing the source series.
+
+    Segment number = label value, so the segments must be 1, 2, ... without gaps (DICOM numbers them so); a label
+    absent from ``labels`` is an empty segment.
 
     Args:
         labels: the labelmap ``(X, Y, Z)`` in the series' grid.
@@ -434,6 +439,9 @@ def write_dicom_seg(
         algorithm_version: recorded in the segments' algorithm identification.
         segment_codes: label value → coded category, type and optional modifier (:func:`read_segment_codes`);
             labels without one are coded as the generic "Anatomical Structure".
+        algorithm_type: the segments' ``SegmentAlgorithmType``: ``AUTOMATIC`` (the model's answer) or
+            ``SEMIAUTOMATIC`` (an annotator's label made with the model).
+        series_description: the SEG series' description.
     """
     headers = [_clean_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in source_files]
     frames = labels_to_dicom_frames(labels, affine, headers)
@@ -441,7 +449,8 @@ def write_dicom_seg(
     _share_orientation(headers)
     with warnings.catch_warnings():  # pydicom's nits about the source's own values (e.g. one-part person names)
         warnings.simplefilter("ignore", UserWarning)
-        seg = _segmentation(headers, frames, label_names, algorithm_version, segment_codes or {})
+        seg = _segmentation(headers, frames, label_names, algorithm_version, segment_codes or {}, algorithm_type,
+                            series_description)  # fmt: skip
     with atomic_output(path) as tmp:
         seg.save_as(tmp)
 
@@ -483,6 +492,8 @@ def _segmentation(
     label_names: Mapping[int, str],
     algorithm_version: str,
     segment_codes: Mapping[int, Mapping[str, SegmentCode]],
+    algorithm_type: str = "AUTOMATIC",
+    series_description: str = "IC-MoE segmentation",
 ):
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -504,7 +515,7 @@ def _segmentation(
             segment_label=name,
             segmented_property_category=concept(coded.get("category", GENERIC_CODE)),
             segmented_property_type=concept(coded.get("type", GENERIC_CODE)),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type],
             algorithm_identification=algorithm,
         )
         if "modifier" in coded:  # highdicom has no argument for it: (0062,0011) inside the type's item
@@ -525,5 +536,5 @@ def _segmentation(
         manufacturer_model_name="IC-MoE MONAI bundle",
         software_versions=algorithm_version or "unknown",
         device_serial_number="0",
-        series_description="IC-MoE segmentation",
+        series_description=series_description,
     )

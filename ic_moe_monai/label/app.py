@@ -3,6 +3,8 @@
     python -m ic_moe_monai.label apps/ic_moe        # makes the app folder: a main.py importing ICMoEApp
     monailabel start_server --app apps/ic_moe --studies <dir> [--conf bundle <folder>] [--conf skip_trainers true]
         [--conf max_clicks 256] [--conf max_image_mb 1024]
+    monailabel start_server --app apps/ic_moe --studies http://<pacs>/dicom-web [--conf dicomweb_search_filter <JSON>]
+        [--conf dicomweb_cache_expiry 30]
 
 Models: ``ic_moe`` (automatic, MONAI Label's own bundle task on the bundle's ``inference.json``) and
 ``ic_moe_interactive`` (the automatic mask refined by foreground / background clicks, image embeddings cached per
@@ -15,6 +17,10 @@ Both models take a datastore image id, an uploaded file (``POST /infer/<model>``
 no server path: 404 for unknown images or models, 422 for bad images, too many or malformed clicks, 409 for a
 second training run while one is queued or running. Image and label ids with path separators or ``..`` are
 refused (422) before they reach the datastore.
+
+With a DICOMweb server as the studies (a PACS), the datastore is :class:`~ic_moe_monai.label.dicomweb.
+ICMoEDicomwebDatastore`: the series of the bundle's modality, series lists that follow the annotation, and
+submitted labels stored as the app's own DICOM SEG (so the app never needs dcmqi, which MONAI Label would download).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
@@ -78,7 +85,16 @@ class ICMoEApp(MONAILabelApp):
         store = super().init_datastore()
         if type(store) is LocalDatastore:  # same state, id checks added (MONAI Label builds the store itself)
             store.__class__ = SafeIdDatastore
+        elif type(store) is DICOMWebDatastore:  # same client and cache, the app's listing and SEG writing
+            from ic_moe_monai.label.dicomweb import ICMoEDicomwebDatastore
+
+            store.__class__ = ICMoEDicomwebDatastore
+            store.configure(self.bundle, self.conf)
         return store
+
+    def _download_dcmqi_tools(self) -> None:
+        """Nothing: MONAI Label downloads dcmqi at start-up to convert labels to DICOM SEG, which fails offline;
+        this app writes its SEGs itself (:class:`~ic_moe_monai.label.dicomweb.ICMoEDicomwebDatastore`)."""
 
     def init_infers(self) -> dict:
         from ic_moe_monai.label.tasks import AutomaticInferTask, InteractiveInferTask

@@ -214,10 +214,13 @@ class InteractiveSegmenter:
         data = self.segmenter.preprocess(image)
         inputs, embeddings = [], []
 
+        views = len(self.inferer.flips)  # with test-time mirroring a batch holds each slice's mirror images too
+
         def recording_network(x: torch.Tensor) -> torch.Tensor:  # the inferer's slice batches arrive in order
             embedding, net_input = self.network.image_features(x)
-            inputs.append(net_input)
-            embeddings.append(embedding)
+            keep = x.shape[0] // views  # the unmirrored slices come first
+            inputs.append(net_input[:keep])
+            embeddings.append(embedding[:keep])
             return self.network.predict_from_embedding(embedding, net_input)
 
         labels = self.inferer(data["image"][None].to(self.segmenter.device), recording_network)  # (1, 1, X, Y, Z)
