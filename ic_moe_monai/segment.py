@@ -222,8 +222,10 @@ def segment(
     num_workers = _integer("num_workers", num_workers, 0)
     max_bytes = _size_limit(max_image_size)
     push = _flag("push", push)
-    switches = {"tta_mirror": ("tta", tta),
-                "keep_largest_component": ("keep_largest_component", keep_largest_component)}
+    switches = {
+        "tta_mirror": ("tta", tta),
+        "keep_largest_component": ("keep_largest_component", keep_largest_component),
+    }
     options = {key: _flag(name, value) for key, (name, value) in switches.items() if value is not None}
     remote = _remote_input(input) if is_dicomweb_url(input) else None
     if push and remote is None:
