@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ic_moe_monai.amp import autocast
 from ic_moe_monai.engines import GraphedFunction
+from ic_moe_monai.errors import config_flag
 from ic_moe_monai.inferers import _logits, channel_argmax
 
 __all__ = ["ClickPromptBatch", "device_clicks", "simulate_clicks"]
@@ -283,7 +284,7 @@ class ClickPromptBatch:
         self.prob = prob
         self.max_clicks = max_clicks
         self.band = band
-        self.amp = amp
+        self.amp = config_flag(amp, "amp")
         self.amp_dtype = amp_dtype
         self.num_classes = num_classes
         self.max_depth = max_depth
@@ -293,7 +294,8 @@ class ClickPromptBatch:
         self._rng = np.random.default_rng(seed + (torch.distributed.get_rank() if distributed else 0))
         # not under DistributedDataParallel: its forward may talk to the other ranks, which a graph must not record
         ddp = isinstance(network, torch.nn.parallel.DistributedDataParallel)
-        self._prompts = GraphedFunction(self._click_prompts, enabled=cuda_graph and not ddp, name="click prompts")
+        graphed = config_flag(cuda_graph, "cuda_graph") and not ddp
+        self._prompts = GraphedFunction(self._click_prompts, enabled=graphed, name="click prompts")
 
     def __call__(
         self,

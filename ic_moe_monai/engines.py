@@ -25,6 +25,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ic_moe_monai.amp import needs_grad_scaler, resolve_amp_dtype
+from ic_moe_monai.errors import config_flag
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ class ICMoETrainer(SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         device = torch.device(device)
+        amp = config_flag(amp, "amp")  # "--amp false" arrives as a string
         self.amp_dtype = resolve_amp_dtype(amp_dtype, device)
         amp_kwargs = {**(kwargs.pop("amp_kwargs", None) or {}), "dtype": self.amp_dtype}
         super().__init__(
@@ -320,7 +322,7 @@ class ICMoETrainer(SupervisedTrainer):
             amp_kwargs=amp_kwargs,
             **kwargs,
         )
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = config_flag(cuda_graph, "cuda_graph")
         self.graph_warmup = max(1, int(graph_warmup))
         self.max_graphs = max_graphs
         self._graphs: dict[Hashable, _CapturedStep | None] = {}  # None: this kind of batch runs eagerly

@@ -13,12 +13,38 @@ import sys
 from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["ConfigError", "find_config_error", "one_line_errors"]
+__all__ = ["ConfigError", "config_flag", "find_config_error", "one_line_errors"]
 
 
 class ConfigError(ValueError):
     """A problem with the user's data, configs or checkpoints, in one line that names the file or setting and says
     what to do."""
+
+
+_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "off", "0", "none", ""})
+
+
+def config_flag(value: object, name: str = "value") -> bool:
+    """An on/off setting as a bool, whichever way it came.
+
+    ``python -m monai.bundle run ... --amp false`` hands the config the *string* ``"false"`` (fire keeps lowercase
+    words as text), which Python would take as true. Bools, 0 / 1, None and the usual words (true/false, yes/no,
+    on/off) are accepted, in any case.
+
+    Raises:
+        ConfigError: for anything else, naming the setting and the value.
+    """
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a 0-d tensor or numpy bool
+        return bool(value.item())
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{name} is an on/off setting (true or false), got {value!r}.")
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:

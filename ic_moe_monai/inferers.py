@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
 from ic_moe_monai.amp import autocast, resolve_amp_dtype
+from ic_moe_monai.errors import config_flag
 from ic_moe_monai.networks.ensemble import average_predictions, mirror_flips
 
 __all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
@@ -98,7 +99,7 @@ class SliceContextInferer(Inferer):
         self.overlap = overlap
         self.sw_device = sw_device
         self.device = device
-        self.amp = amp
+        self.amp = config_flag(amp, "amp")  # "false" from a command line is off
         self.amp_dtype = amp_dtype
         self.slice_axis = slice_axis
         self.progress = progress

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.utils import str2bool
 from scipy import ndimage
+
+from ic_moe_monai.errors import config_flag
 
 __all__ = ["KeepLargestComponentd", "keep_largest_component"]
 
@@ -98,7 +99,7 @@ class KeepLargestComponentd(MapTransform):
             raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}.")
         self.applied_labels = None if applied_labels is None else [int(v) for v in applied_labels]
         self.connectivity = connectivity
-        self.enabled = str2bool(enabled)  # "false" from a command line is off
+        self.enabled = config_flag(enabled, "enabled")  # "false" from a command line is off
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

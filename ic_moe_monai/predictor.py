@@ -22,10 +22,11 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, Invertd, LoadImaged
-from monai.utils import TraceKeys, str2bool
+from monai.utils import TraceKeys
 from torch.utils.data._utils.collate import collate, default_collate, default_collate_fn_map
 
 from ic_moe_monai.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
+from ic_moe_monai.errors import config_flag
 from ic_moe_monai.inferers import SliceContextInferer, channel_argmax
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case
@@ -112,7 +113,9 @@ class BundleSegmenter:
         self.prediction_network = (
             _parsed(bundle, parser, "prediction_network") if "prediction_network" in parser else self.network
         )
-        self.keep_largest_component = str2bool(parser.get_parsed_content("keep_largest_component", default=False))
+        self.keep_largest_component = config_flag(
+            parser.get_parsed_content("keep_largest_component", default=False), "keep_largest_component"
+        )
         transforms = _parsed(bundle, parser, "preprocessing").transforms
         self.preprocessing = Compose([t for t in transforms if not isinstance(t, LoadImaged)])
         self.inferer = _parsed(bundle, parser, "inferer")

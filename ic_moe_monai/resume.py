@@ -28,6 +28,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from ic_moe_monai.checkpoints import check_checkpoint
+from ic_moe_monai.errors import config_flag
 
 __all__ = ["INTERRUPTED_NAME", "BestMetric", "TrainingCheckpoints", "checkpoint_files", "latest_checkpoint"]
 
@@ -141,7 +142,7 @@ class TrainingCheckpoints:
         self.ckpt_dir = Path(ckpt_dir)
         self.save_dict = dict(save_dict)
         self.keep = max(1, int(keep))
-        self.resume = resume
+        self.resume = config_flag(resume, "resume")  # "--resume false" arrives as a string
         self.map_location = map_location
         self.handle_interrupt = handle_interrupt
         self.loaded: Path | None = None

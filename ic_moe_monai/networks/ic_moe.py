@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ic_moe_monai.errors import config_flag
 from ic_moe_monai.networks.caching import forget, reuse_while_unchanged
 from ic_moe_monai.networks.decoder_blocks import two_way_transformer
 from ic_moe_monai.networks.encoder_blocks import block_forward
@@ -363,7 +364,7 @@ class ICMoE(nn.Module):
         self.register_buffer("pixel_mean", mean.view(1, -1, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", std.view(1, -1, 1, 1) / 255.0, persistent=False)
 
-        if freeze_encoder:
+        if config_flag(freeze_encoder, "freeze_encoder"):
             self.image_encoder.requires_grad_(False)
         self.prompt_encoder.requires_grad_(False)  # SAM's prompt encoder stays as pretrained
         self.mask_decoder.iou_prediction_head.requires_grad_(False)  # kept for checkpoints, unused
