@@ -43,6 +43,9 @@ def test_components_take_command_line_words():
     trainable = ICMoE(num_classes=2, img_size=64, encoder="lite", freeze_encoder="false")
     assert not any(p.requires_grad for p in frozen.image_encoder.parameters())
     assert all(p.requires_grad for p in trainable.image_encoder.parameters())
+    assert ICMoE(num_classes=2, img_size=64, encoder="lite", compile_blocks="false").compile_blocks is False
+    tuned = ICMoE(num_classes=2, img_size=64, encoder="lite", compile_blocks="max-autotune")
+    assert tuned.compile_blocks == "max-autotune"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ic_moe_monai.errors import config_flag
+from ic_moe_monai.errors import ConfigError, config_flag
 from ic_moe_monai.networks.caching import forget, reuse_while_unchanged
 from ic_moe_monai.networks.decoder_blocks import two_way_transformer
 from ic_moe_monai.networks.encoder_blocks import block_forward
@@ -310,7 +310,7 @@ class ICMoE(nn.Module):
         self.in_channels = in_channels
         self.encoder_name = encoder
         self.window_size = window_size
-        self.compile_blocks = compile_blocks
+        self.compile_blocks = _compile_setting(compile_blocks)
 
         self.image_encoder = build_image_encoder(encoder, img_size, in_channels, window_size)
         self.prompt_encoder = build_prompt_encoder(encoder, img_size)
@@ -593,3 +593,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def _compile_setting(value: bool | str) -> bool | str:
+    """``compile_blocks`` as given: on/off words (``"false"`` from a command line) as a bool, else a compile mode."""
+    try:
+        return config_flag(value, "compile_blocks")
+    except ConfigError:
+        return value
