@@ -130,3 +130,28 @@ def test_clicks_on_an_image_stored_in_another_orientation(engine, tmp_path):
     np.testing.assert_allclose(np.asarray(on_lps.affine), lps.affine, atol=1e-4)
     agreement = (np.asarray(on_lps[0])[::-1, ::-1] == np.asarray(on_ras[0])).mean()
     assert agreement >= 0.999, agreement
+
+
+def test_automatic_answer_keeps_the_largest_component_as_the_bundle_does(tmp_path):
+    """With the bundle's ``keep_largest_component`` on, the engine's automatic labels are the bundle's postprocessed
+    answer: a volume holding the same head twice gives one component per label, not two."""
+    import json
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    image = nib.load(IMAGE)
+    twice = np.concatenate([np.asarray(image.dataobj)] * 2, axis=0)
+    path = tmp_path / "twice.nii.gz"
+    nib.save(nib.Nifti1Image(twice, image.affine), path)
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps({"keep_largest_component": False}))
+
+    def pieces(labels, value):  # connected as the cleaning connects them: faces, edges and corners
+        return ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1]
+
+    kept = np.asarray(InteractiveSegmenter(BUNDLE, max_images=1)(path)[0][0])
+    raw = np.asarray(InteractiveSegmenter(BUNDLE, [str(off)], max_images=1)(path)[0][0])
+    assert max(pieces(raw, v) for v in (1, 2)) > 1  # the raw answer has a copy of each label
+    assert [pieces(kept, v) for v in (1, 2)] == [1, 1]
+    assert ((kept != raw) <= (kept == 0)).all()  # only removals

@@ -30,6 +30,7 @@ from scipy.ndimage import distance_transform_edt
 from ic_moe_monai.inferers import channel_argmax
 from ic_moe_monai.io import Case
 from ic_moe_monai.io.guards import ImageError, check_image_file
+from ic_moe_monai.postprocessing import keep_largest_component
 from ic_moe_monai.predictor import BundleSegmenter, load_case
 
 __all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_clicks"]
@@ -163,11 +164,19 @@ class InteractiveSegmenter:
             data["pred"] = MetaTensor(
                 labels[None], meta=dict(data["image"].meta), applied_operations=list(data["image"].applied_operations)
             )
-            result = self.segmenter.inverter(data)["pred"]
+            result = self._keep_largest(self.segmenter.inverter(data)["pred"], value if slices else None)
         info = {"label_names": {name: v for v, name in self.label_names.items()}, "label": value,
                 "refined_slices": slices, "embedding_cache": "hit" if hit else "miss",
                 "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
         return result, info
+
+    def _keep_largest(self, labels: MetaTensor, clicked: int | None) -> MetaTensor:
+        """The bundle's component cleaning (``keep_largest_component``) in the image's own geometry, as its
+        postprocessing does; a label the user clicked on keeps every piece (a click may add one on purpose)."""
+        if not self.segmenter.keep_largest_component:
+            return labels
+        values = [v for v in self.label_names if v != 0 and v != clicked]
+        return keep_largest_component(labels, applied_labels=values)
 
     def check_click_count(self, foreground: Any, background: Any) -> None:
         """Refuse more than ``max_clicks`` clicks in one request, before anything is read or parsed.
@@ -224,6 +233,8 @@ class InteractiveSegmenter:
             return self.network.predict_from_embedding(embedding, net_input)
 
         labels = self.inferer(data["image"][None].to(self.segmenter.device), recording_network)  # (1, 1, X, Y, Z)
+        if self.segmenter.keep_largest_component:  # clicks refine the cleaned answer the bundle itself gives
+            labels = keep_largest_component(labels[0])[None]
         return _CachedImage(data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
                             original_shape=tuple(image.shape), inputs=torch.cat(inputs),
                             embeddings=torch.cat(embeddings), auto=labels[0, 0].cpu())  # fmt: skip
