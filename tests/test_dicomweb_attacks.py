@@ -440,6 +440,10 @@ def test_a_stow_answer_listing_the_instance_gives_its_url(tmp_path, pacs, creden
     seg.write_bytes(b"DICM")
     (url,) = DicomwebClient(pacs.dicomweb).store([seg], study=pacs.study)
     assert url.startswith(pacs.dicomweb) and pacs.seen[-1][2]["Authorization"] == f"Bearer {TOKEN}"
+    warned = {"00081199": {"vr": "SQ", "Value": [{"00081190": {"vr": "UR", "Value": ["http://x/1"]}}]},
+              "00081196": {"vr": "US", "Value": [45056]}}  # fmt: skip
+    _route(pacs, "POST", r"/dicom-web/studies/[0-9.]+", lambda request, match: send_json(request, warned, 202))
+    assert DicomwebClient(pacs.dicomweb).store([seg], study=pacs.study) == ["http://x/1"]  # coerced, but stored
 
 
 # --------------------------------------------------------------------------------------------- 5. end to end

@@ -268,7 +268,7 @@ class DicomwebClient:
             raise DicomwebError(f"{answer.url}: the server did not store {len(failed)} of {len(files)} instance(s) "
                                 f"(failure reason {', '.join(reasons)}).")  # fmt: skip
         stored = _items(result, REFERENCED_SOPS)
-        if len(stored) != len(files) or answer.status_code not in (200, 201):
+        if len(stored) != len(files):  # 202 (stored with warnings, e.g. coerced attributes) lists them too
             raise DicomwebError(f"{answer.url}: {answer.status_code} {answer.reason}, but the answer lists "
                                 f"{len(stored)} of {len(files)} instance(s) as stored.")  # fmt: skip
         return [_value(item, RETRIEVE_URL) for item in stored]
