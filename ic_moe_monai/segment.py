@@ -56,6 +56,7 @@ from ic_moe_monai.io.dicomweb import (
     DicomwebSource,
     find_series,
     is_dicomweb_url,
+    redact,
     retrieve_series,
     stored_receipt,
 )
@@ -814,7 +815,7 @@ def _retrieved(
         for item in series:
             try:
                 retrieve_series(client, item, folder, max_bytes)
-            except (DicomwebError, ImageError, OSError) as err:
+            except (DicomwebError, ImageError, OSError, ValueError) as err:
                 shutil.rmtree(folder / item.series, ignore_errors=True)  # a part of a series is no series
                 reason = str(err).removeprefix(f"{item.url}: ")
                 skipped.append(Skipped(item.url, f"cannot retrieve the series: {reason}"))
@@ -827,7 +828,7 @@ def _retrieved(
 
 class _PathsShown:
     """Paths of retrieved series (``<folder>/<series uid>/<instance uid>.dcm``) shown as the URLs they came from,
-    in the report and the run's log lines; other text is left as it is."""
+    in the report and the run's log lines, and the DICOMweb credentials blanked out (a server may echo them)."""
 
     def __init__(self, folder: Path | None = None, series: Sequence[Any] = ()) -> None:
         self.urls = {s.series: s.url for s in series}
@@ -839,7 +840,7 @@ class _PathsShown:
     def __call__(self, text: str) -> str:
         if self.pattern is None or not isinstance(text, str):
             return text
-        return self.pattern.sub(self._url, text)
+        return redact(self.pattern.sub(self._url, text))
 
     def _url(self, match: re.Match) -> str:
         url = self.urls.get(match["series"])

@@ -15,13 +15,23 @@ certificates are checked by ``requests`` (``REQUESTS_CA_BUNDLE`` names a hospita
 Series of modalities that hold no image volume (SEG, RTSTRUCT, SR, ...) are skipped from the QIDO answer, series
 whose instances would exceed the image size limit are refused before any instance is retrieved, and instances
 are retrieved as stored (``transfer-syntax=*``), so the server needs no transcoder.
+
+The server is not trusted: every answer is read up to a bound (:data:`QIDO_MAX_BYTES` for JSON, the image size
+limit for a series' instances) and within :data:`ANSWER_SECONDS`; redirects are not followed (credentials never go
+to another server); UIDs become file names only when they are DICOM UIDs; each retrieved instance must be DICOM and
+carry the UIDs it was asked for; a STOW-RS answer must list the stored instances; and credentials are blanked out of
+every message (:func:`redact`).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +40,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
+import pydicom
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ic_moe_monai.io.discovery import NON_IMAGE_MODALITIES, Skipped
-from ic_moe_monai.io.guards import ImageError, _check_size
+from ic_moe_monai.io.guards import ImageError, _check_size, format_bytes
 
 __all__ = [
     "PASSWORD_ENV",
@@ -45,6 +57,8 @@ __all__ = [
     "RemoteSeries",
     "find_series",
     "is_dicomweb_url",
+    "is_uid",
+    "redact",
     "retrieve_series",
     "stored_receipt",
 ]
@@ -54,7 +68,13 @@ PASSWORD_ENV = "IC_MOE_DICOMWEB_PASSWORD"
 TOKEN_ENV = "IC_MOE_DICOMWEB_TOKEN"
 DICOM_PART = 'multipart/related; type="application/dicom"'
 TIMEOUT = (10.0, 300.0)  # seconds to connect, and between bytes of an answer (a large instance on a slow PACS)
+ANSWER_SECONDS = 3600.0  # the longest one answer may take, however steadily it trickles in
+QIDO_MAX_BYTES = 64 * 1024**2  # a QIDO-RS or STOW-RS answer (DICOM JSON) larger than this is refused
+HEADER_BYTES = 1024**2  # per instance, what a series may hold beyond its voxels' size limit (DICOM headers)
+DETAIL_BYTES = 4096  # of an error answer's body, read for its first line
+CHUNK = 1024**2
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # also what makes a UID safe as a file name
+UID_MAX = 64  # characters (DICOM PS3.5 9.1); a longer one is refused, also as a file name
 # DICOM JSON tags of the attributes read from QIDO-RS answers
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 MODALITY, DESCRIPTION, NUMBER, ROWS, COLUMNS = "00080060", "0008103E", "00200011", "00280010", "00280011"
@@ -62,16 +82,32 @@ FAILED_SOPS, REFERENCED_SOPS, RETRIEVE_URL = "00081198", "00081199", "00081190"
 
 
 class DicomwebError(RuntimeError):
-    """A DICOMweb request that failed; one line naming the URL and the reason."""
+    """A DICOMweb request that failed; one line naming the URL and the reason (credentials blanked out)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.status = status
 
 
 def is_dicomweb_url(text: object) -> bool:
     """Whether an input names a DICOMweb resource (``http://`` or ``https://``) rather than a path."""
     return isinstance(text, str) and text.strip().lower().startswith(("http://", "https://"))
+
+
+def is_uid(text: object) -> bool:
+    """Whether ``text`` is a DICOM UID (digits and dots, at most 64 characters): only such text names files."""
+    return isinstance(text, str) and len(text) <= UID_MAX and UID.fullmatch(text) is not None
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of the environment (token, password, and their HTTP basic form) as ``***``."""
+    token, user, password = (os.environ.get(k, "") for k in (TOKEN_ENV, USER_ENV, PASSWORD_ENV))
+    secrets = [token, password]
+    if user and password:
+        secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -107,7 +143,7 @@ class DicomwebSource:
         match = re.fullmatch(r"(?P<root>.*?)/studies/(?P<study>[^/]+)(?:/series/(?P<series>[^/]+))?", path)
         if match and not parts.query:
             for uid in filter(None, (match["study"], match["series"])):
-                if not UID.fullmatch(uid):
+                if not is_uid(uid):
                     raise ValueError(f"input {shown}: {uid!r} is not a DICOM UID.")
             return cls(shown, _root(parts, match["root"]), match["study"], match["series"])
         match = re.fullmatch(r"(?P<root>.*?)/(?P<level>studies|series)", path)
@@ -167,27 +203,40 @@ class DicomwebClient:
 
     # --------------------------------------------------------------------------------------------- QIDO-RS
     def search(self, path: str, filters: Mapping[str, Iterable[str]] | None = None) -> list[dict[str, Any]]:
-        """A QIDO-RS search (``path`` under the root, e.g. ``studies/<uid>/series``): DICOM JSON datasets."""
+        """A QIDO-RS search (``path`` under the root, e.g. ``studies/<uid>/series``): DICOM JSON datasets (an item
+        of the answer that is no JSON object is an empty dataset, so its UIDs read as malformed).
+
+        Raises:
+            DicomwebError: the request failed, or the answer is over :data:`QIDO_MAX_BYTES` or no JSON list.
+        """
         params = [(k, v) for k, values in (filters or {}).items() for v in values]
         answer = self._request("GET", path, params=params, headers={"Accept": "application/dicom+json"})
-        if answer.status_code == 204 or not answer.content.strip():
+        content = _body(answer, _Budget(QIDO_MAX_BYTES, "the DICOM JSON answer"))
+        if answer.status_code == 204 or not content.strip():
             return []
-        try:
-            found = answer.json()
-        except ValueError as err:
-            raise DicomwebError(f"{answer.url}: the answer is not DICOM JSON ({_first_line(err)}).") from err
+        found = _json(answer, content)
         if not isinstance(found, list):
             raise DicomwebError(f"{answer.url}: the answer is not a list of DICOM JSON datasets.")
-        return found
+        return [item if isinstance(item, dict) else {} for item in found]
 
     # --------------------------------------------------------------------------------------------- WADO-RS
-    def retrieve_instance(self, study: str, series: str, instance: str, path: Path) -> None:
-        """One instance as stored (no transcoding), written to ``path``."""
+    def retrieve_instance(self, study: str, series: str, instance: str, path: Path,
+                          budget: _Budget | None = None) -> None:  # fmt: skip
+        """One instance as stored (no transcoding), written to ``path``: read up to ``budget`` (bytes shared by
+        the instances of a series), and written only when it is DICOM and carries the UIDs it was asked for.
+
+        Raises:
+            DicomwebError: the request failed, or the answer is over the budget, not one DICOM part, or another
+                instance.
+        """
         where = f"studies/{study}/series/{series}/instances/{instance}"
-        answer = self._request("GET", where, headers={"Accept": f"{DICOM_PART}; transfer-syntax=*"}, stream=False)
-        parts = _multipart_parts(answer)
+        answer = self._request("GET", where, headers={"Accept": f"{DICOM_PART}; transfer-syntax=*"})
+        delimiter = _delimiter(answer)
+        parts = _multipart_parts(answer.url, _body(answer, budget or _Budget(None, "the instance")), delimiter)
         if len(parts) != 1:
             raise DicomwebError(f"{answer.url}: {len(parts)} DICOM parts in the answer, 1 expected.")
+        expected = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+        _check_instance(answer.url, parts[0], expected)
         path.write_bytes(parts[0])
 
     # --------------------------------------------------------------------------------------------- STOW-RS
@@ -195,7 +244,8 @@ class DicomwebClient:
         """Store DICOM files (STOW-RS); the retrieve URLs of the stored instances.
 
         Raises:
-            DicomwebError: the server refused the request or some instance (its reason, when it gives one).
+            DicomwebError: the server refused the request or some instance (its reason, when it gives one), or its
+                answer does not list every instance as stored.
         """
         boundary = uuid.uuid4().hex
         body = b"".join(
@@ -204,64 +254,206 @@ class DicomwebClient:
         ) + b"--" + boundary.encode() + b"--\r\n"  # fmt: skip
         headers = {"Content-Type": f'{DICOM_PART}; boundary="{boundary}"', "Accept": "application/dicom+json"}
         answer = self._request("POST", f"studies/{study}" if study else "studies", data=body, headers=headers)
+        content = _body(answer, _Budget(QIDO_MAX_BYTES, "the STOW-RS answer"))
         try:
-            result = answer.json() if answer.content.strip() else {}
-        except ValueError:
-            result = {}
-        failed = result.get(FAILED_SOPS, {}).get("Value", []) if isinstance(result, dict) else []
+            result = json.loads(content)
+        except (ValueError, RecursionError):
+            result = None
+        if not isinstance(result, dict):
+            raise DicomwebError(f"{answer.url}: {answer.status_code} {answer.reason}, but the answer is no DICOM JSON "
+                                "dataset: whether the server stored the instances is unknown.")  # fmt: skip
+        failed = _items(result, FAILED_SOPS)
         if failed:
-            reasons = sorted({str(item.get("00081197", {}).get("Value", ["?"])[0]) for item in failed})
+            reasons = sorted({_value(item, "00081197", "?") for item in failed})
             raise DicomwebError(f"{answer.url}: the server did not store {len(failed)} of {len(files)} instance(s) "
                                 f"(failure reason {', '.join(reasons)}).")  # fmt: skip
-        stored = result.get(REFERENCED_SOPS, {}).get("Value", []) if isinstance(result, dict) else []
-        return [str(item.get(RETRIEVE_URL, {}).get("Value", [""])[0]) for item in stored]
+        stored = _items(result, REFERENCED_SOPS)
+        if len(stored) != len(files):  # 202 (stored with warnings, e.g. coerced attributes) lists them too
+            raise DicomwebError(f"{answer.url}: {answer.status_code} {answer.reason}, but the answer lists "
+                                f"{len(stored)} of {len(files)} instance(s) as stored.")  # fmt: skip
+        return [_value(item, RETRIEVE_URL) for item in stored]
 
     # ---------------------------------------------------------------------------------------------- common
     def url(self, path: str) -> str:
         return f"{self.root}/{quote(path, safe='/')}"
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """The answer (its body not read yet) to a request that succeeded (2xx); redirects are not followed."""
         url = self.url(path)
         try:
-            answer = self.session.request(method, url, timeout=TIMEOUT, **kwargs)
+            answer = self.session.request(method, url, timeout=TIMEOUT, stream=True, allow_redirects=False, **kwargs)
         except requests.RequestException as err:
             raise DicomwebError(f"{url}: cannot reach the DICOMweb server ({_connection_reason(err)}).") from err
+        if answer.status_code < 300:
+            return answer
+        detail = _error_detail(answer)
+        answer.close()
         if answer.status_code in (401, 403):
             given = TOKEN_ENV if os.environ.get(TOKEN_ENV) else f"{USER_ENV} / {PASSWORD_ENV}"
             hint = "" if answer.status_code == 403 else f"; set {USER_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV}"
             said = f"the credentials of {given} were refused" if self._has_credentials() else "credentials needed"
             raise DicomwebError(f"{url}: {answer.status_code} {answer.reason} ({said}{hint}).", answer.status_code)
-        if answer.status_code >= 400:
-            detail = _first_line(ValueError(answer.text)) if answer.text.strip() else ""
-            raise DicomwebError(f"{url}: {answer.status_code} {answer.reason}{f' ({detail})' if detail else ''}.",
+        if answer.status_code < 400:
+            location = _shown_url(answer.headers.get("Location", ""))
+            raise DicomwebError(f"{url}: {answer.status_code} {answer.reason}: the server redirects to {location} "
+                                "(not followed, so credentials never go elsewhere: use that URL).",
                                 answer.status_code)  # fmt: skip
-        return answer
+        raise DicomwebError(f"{url}: {answer.status_code} {answer.reason}{f' ({detail})' if detail else ''}.",
+                            answer.status_code)  # fmt: skip
 
     def _has_credentials(self) -> bool:
         return self.session.auth is not None or "Authorization" in self.session.headers
 
 
-def _multipart_parts(answer: requests.Response) -> list[bytes]:
-    """The bodies of a ``multipart/related`` answer."""
+class _Budget:
+    """Bytes that answers may still bring (``None``: no limit), shared by the threads retrieving one series."""
+
+    def __init__(self, limit: int | None, what: str) -> None:
+        self.left, self.limit, self.what = limit, limit, what
+        self._lock = threading.Lock()
+
+    def take(self, count: int, url: str) -> None:
+        """Count ``count`` more bytes read from ``url``.
+
+        Raises:
+            DicomwebError: over the limit.
+        """
+        if self.left is None:
+            return
+        with self._lock:
+            self.left -= count
+            if self.left < 0:
+                raise DicomwebError(f"{url}: {self.what} is larger than {format_bytes(self.limit)}; not read further.")
+
+
+def _body(answer: requests.Response, budget: _Budget) -> bytes:
+    """The body of ``answer``, read up to ``budget`` and within :data:`ANSWER_SECONDS`; the answer is closed.
+
+    Raises:
+        DicomwebError: over the budget, too slow, or broken off.
+    """
+    declared = answer.headers.get("Content-Length", "")
+    chunks, deadline = [], time.monotonic() + ANSWER_SECONDS
+    read = getattr(answer.raw, "read1", None) or answer.raw.read  # read1: whatever arrived, so the clock is checked
+    try:
+        if declared.isdigit():
+            budget.take(int(declared), answer.url)  # refused before it is read
+        while chunk := read(CHUNK, decode_content=True):
+            if not declared.isdigit():
+                budget.take(len(chunk), answer.url)
+            if time.monotonic() > deadline:
+                raise DicomwebError(f"{answer.url}: the answer took over {ANSWER_SECONDS:.0f} s; not read further.")
+            chunks.append(chunk)
+    except (requests.RequestException, Urllib3Error, OSError) as err:
+        raise DicomwebError(f"{answer.url}: the answer broke off ({_connection_reason(err)}).") from err
+    finally:
+        answer.close()
+    content = b"".join(chunks)
+    if declared.isdigit() and len(content) != int(declared):
+        raise DicomwebError(f"{answer.url}: the answer broke off ({len(content)} of {declared} bytes).")
+    return content
+
+
+def _json(answer: requests.Response, content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError) as err:
+        raise DicomwebError(f"{answer.url}: the answer is not DICOM JSON ({_first_line(err)}).") from err
+
+
+def _error_detail(answer: requests.Response) -> str:
+    """The first line of an error answer's text (its first :data:`DETAIL_BYTES`); none of an HTML page."""
+    content_type = answer.headers.get("Content-Type", "").lower()
+    try:
+        text = answer.raw.read(DETAIL_BYTES, decode_content=True).decode("utf-8", "replace")
+    except (Urllib3Error, OSError, ValueError):
+        return ""
+    if "html" in content_type or "xml" in content_type or text.lstrip().startswith("<"):
+        return ""
+    return _printable(_first_line(ValueError(text))) if text.strip() else ""
+
+
+def _shown_url(url: str) -> str:
+    """A URL from the server, without user info, short and printable."""
+    try:
+        parts = urlsplit(url)
+        shown = _without_userinfo(parts) if parts.hostname else parts.path
+    except ValueError:
+        shown = url
+    return _printable(shown)[:200] or "nowhere"
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _delimiter(answer: requests.Response) -> bytes:
+    """The part delimiter of a ``multipart/related`` answer, checked before its body is read.
+
+    Raises:
+        DicomwebError: another Content-Type, or no boundary (the answer is closed).
+    """
     content_type = answer.headers.get("Content-Type", "")
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not content_type.lower().startswith("multipart/related") or match is None:
-        raise DicomwebError(f"{answer.url}: expected a multipart/related answer, got {content_type or 'none'!r}.")
-    delimiter = b"--" + match.group(1).encode()
+        answer.close()
+        raise DicomwebError(f"{answer.url}: expected a multipart/related answer with a boundary, got "
+                            f"{_printable(content_type)[:80] or 'none'!r}.")  # fmt: skip
+    return b"--" + match.group(1).encode("latin-1")
+
+
+def _multipart_parts(url: str, content: bytes, delimiter: bytes) -> list[bytes]:
+    """The bodies of a ``multipart/related`` answer."""
     parts = []
-    for chunk in answer.content.split(delimiter)[1:]:
+    for chunk in content.split(delimiter)[1:]:
         if chunk.startswith(b"--"):  # the closing delimiter
             break
         _head, separator, body = chunk.partition(b"\r\n\r\n")
         if not separator:
-            raise DicomwebError(f"{answer.url}: a part of the multipart answer has no headers.")
+            raise DicomwebError(f"{url}: a part of the multipart answer has no headers.")
         parts.append(body[:-2] if body.endswith(b"\r\n") else body)
     return parts
 
 
+def _check_instance(url: str, data: bytes, expected: Mapping[str, str]) -> None:
+    """An instance that is not DICOM, or whose UIDs are not the ones asked for, is refused.
+
+    Raises:
+        DicomwebError: naming the UID that differs.
+    """
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        found = {keyword: str(header.get(keyword, "")) for keyword in expected}
+    except Exception as err:  # pydicom raises many kinds on bytes that are no DICOM
+        raise DicomwebError(f"{url}: the answer is not a DICOM instance ({_first_line(err)}).") from err
+    for keyword, uid in expected.items():
+        if found[keyword] != uid:
+            shown = _printable(found[keyword])[:80] or "missing"
+            raise DicomwebError(f"{url}: the instance's {keyword} is {shown}, not the {uid} asked for.")
+
+
 def _value(dataset: Mapping[str, Any], tag: str, default: str = "") -> str:
-    values = dataset.get(tag, {}).get("Value") or [default]
-    return str(values[0])
+    """The first value of ``tag`` in a DICOM JSON dataset, as text; ``default`` where it is missing or is no
+    string or number (a malformed answer)."""
+    element = dataset.get(tag) if isinstance(dataset, Mapping) else None
+    values = element.get("Value") if isinstance(element, Mapping) else None
+    value = values[0] if isinstance(values, list) and values else None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return default
+    return str(value)
+
+
+def _items(dataset: Mapping[str, Any], tag: str) -> list[dict[str, Any]]:
+    """The items of a sequence ``tag`` in a DICOM JSON dataset (an item that is no object: an empty one)."""
+    element = dataset.get(tag)
+    values = element.get("Value") if isinstance(element, Mapping) else None
+    return [v if isinstance(v, dict) else {} for v in values] if isinstance(values, list) else []
+
+
+def _count(dataset: Mapping[str, Any], tag: str) -> int:
+    """A non-negative integer attribute (Rows, Columns); 0 where it is missing or malformed."""
+    text = _value(dataset, tag, "0").strip()
+    return int(text) if text.isdigit() and len(text) < 10 else 0
 
 
 def find_series(client: DicomwebClient, source: DicomwebSource) -> tuple[list[RemoteSeries], list[Skipped]]:
@@ -284,13 +476,13 @@ def find_series(client: DicomwebClient, source: DicomwebSource) -> tuple[list[Re
         found = []
         for study in client.search("studies", source.filters):
             uid = _value(study, STUDY_UID)
-            if UID.fullmatch(uid):
+            if is_uid(uid):
                 found += [{STUDY_UID: {"Value": [uid]}, **item} for item in client.search(f"studies/{uid}/series")]
     series, skipped, seen = [], [], set()
     for item in found:
         study, uid, modality = _value(item, STUDY_UID), _value(item, SERIES_UID), _value(item, MODALITY).upper()
         url = client.url(f"studies/{study}/series/{uid}")
-        if not UID.fullmatch(study) or not UID.fullmatch(uid):
+        if not is_uid(study) or not is_uid(uid):
             skipped.append(Skipped(f"{client.root} (series {uid!r:.80})", "malformed StudyInstanceUID or "
                                    "SeriesInstanceUID in the server's answer"))  # fmt: skip
         elif uid in seen:
@@ -308,7 +500,8 @@ def retrieve_series(client: DicomwebClient, series: RemoteSeries, folder: Path, 
     """Retrieve every instance of ``series`` into ``folder/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 
     The instance list (QIDO-RS) comes first: a series whose instances would exceed ``max_bytes`` as float32 is
-    refused before any instance is retrieved.
+    refused before any instance is retrieved. The instances together may bring at most ``max_bytes`` and
+    :data:`HEADER_BYTES` per instance, whatever the server said of their size.
 
     Raises:
         ImageError: the series is over the size limit, or has no instances.
@@ -319,21 +512,30 @@ def retrieve_series(client: DicomwebClient, series: RemoteSeries, folder: Path, 
     uids = [_value(item, SOP_UID) for item in instances]
     if not uids:
         raise ImageError(f"{series.url}: the series has no instances.")
-    bad = next((uid for uid in uids if not UID.fullmatch(uid)), None)
+    bad = next((uid for uid in uids if not is_uid(uid)), None)
     if bad is not None:
         raise DicomwebError(f"{series.url}: malformed SOPInstanceUID {bad!r:.80} in the server's answer.")
-    rows, columns = (max((int(_value(i, tag, "0") or 0) for i in instances), default=0) for tag in (ROWS, COLUMNS))
+    rows, columns = (max((_count(i, tag) for i in instances), default=0) for tag in (ROWS, COLUMNS))
     if rows and columns:  # the server told the matrix size: check the volume before retrieving it
         shape = (columns, rows, len(uids))
         _check_size(f"{series.url} ({len(uids)} instances)", shape, "as stored", 4 * columns * rows * len(uids),
                     max_bytes)  # fmt: skip
+    if not is_uid(series.series):  # the folder is named after it
+        raise DicomwebError(f"{series.url}: malformed SeriesInstanceUID.")
     target = folder / series.series
     target.mkdir(parents=True, exist_ok=True)
+    unique = list(dict.fromkeys(uids))
+    budget = _Budget(max_bytes + HEADER_BYTES * len(unique), f"the series ({len(unique)} instances)")
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wado") as pool:
-        futures = [pool.submit(client.retrieve_instance, series.study, series.series, uid, target / f"{uid}.dcm")
-                   for uid in dict.fromkeys(uids)]  # fmt: skip
-        for future in futures:
-            future.result()
+        futures = [pool.submit(client.retrieve_instance, series.study, series.series, uid, target / f"{uid}.dcm",
+                               budget) for uid in unique]  # fmt: skip
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:  # one failed instance fails the series: the others are not retrieved
+                future.cancel()
+            raise
     return target
 
 

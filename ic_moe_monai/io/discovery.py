@@ -27,6 +27,7 @@ from ic_moe_monai.data import IMAGE_SUFFIXES, case_name
 __all__ = ["NON_IMAGE_MODALITIES", "Case", "Skipped", "check_series_geometry", "discover_cases"]
 
 # Modalities of DICOM objects that hold no image volume.
+DESCRIPTION_BYTES = 64  # of a SeriesDescription in a case name (a long one would make output names unwritable)
 NON_IMAGE_MODALITIES = {
     "SEG",
     "RTSTRUCT",
@@ -316,13 +317,16 @@ def _common_folder(paths: Iterable[Path]) -> Path:
 
 
 def _series_name(folder: Path, header: pydicom.Dataset) -> str:
+    """``<folder>_s<SeriesNumber>_<SeriesDescription>``, the description's characters other than letters, digits,
+    ``-`` and ``_`` as ``_``, and at most :data:`DESCRIPTION_BYTES` of it."""
     number = header.get("SeriesNumber")
     description = str(header.get("SeriesDescription", "")).strip()
     parts = [folder.name or "series"]
     if number is not None and str(number) != "":
         parts.append(f"s{number}")
     if description:
-        parts.append("".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in description))
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in description)
+        parts.append(safe.encode()[:DESCRIPTION_BYTES].decode("utf-8", "ignore"))  # outputs' names stay short
     return "_".join(parts)
 
 
