@@ -43,7 +43,7 @@ from ic_moe_monai.checkpoints import (
     shipped_bundle,
     with_info,
 )
-from ic_moe_monai.data import dataset_info, find_cases
+from ic_moe_monai.data import check_label_names, dataset_info, find_cases, one_line_text
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.transforms import CT_WINDOWS, modality_name
 from ic_moe_monai.transforms import ct_window as parse_ct_window
@@ -104,37 +104,44 @@ class InitResult:
         return lines
 
 
-def parse_label_names(value: Any) -> dict[int, str]:
+def parse_label_names(value: Any, where: str = "--label_names") -> dict[int, str]:
     """``--label_names``: names separated by commas in the order of the label values (``liver,spleen``: 1, 2; a
     first name ``background`` is value 0), a JSON object ``{"1": "liver"}`` or a list; background is added when
-    value 0 has no name.
+    value 0 has no name. ``where`` (the option, or the dataset.json the names are from) starts every error.
 
     Raises:
-        ConfigError: anything else, or values that are not 0 … K.
+        ConfigError: anything else, values that are not 0 … K, or names an output cannot carry
+            (:func:`~ic_moe_monai.data.check_label_names`).
     """
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{") or text.startswith("["):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"--label_names {value!r} is not valid JSON ({err.msg}).") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ConfigError(f"{where} {_short(value)} is not valid JSON ({getattr(err, 'msg', err)}).") from err
         else:
             value = [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(value, (list, tuple)):
         first = 0 if value and str(value[0]).strip().lower() == "background" else 1
-        names = {i: str(n) for i, n in enumerate(value, start=first)}
+        names = {i: n if isinstance(n, str) else str(n) for i, n in enumerate(value, start=first)}
     elif isinstance(value, Mapping):
         try:
-            names = {int(k): str(v) for k, v in value.items()}
-        except ValueError as err:
-            raise ConfigError(f"--label_names {value!r}: the keys must be label values.") from err
+            names = {int(k): v for k, v in value.items()}
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where} {_short(value)}: the keys must be label values.") from err
     else:
-        raise ConfigError(f"--label_names {value!r}: give names separated by commas, background first.")
+        raise ConfigError(f"{where} {_short(value)}: give names separated by commas, background first.")
     names.setdefault(0, "background")
     if sorted(names) != list(range(len(names))) or len(names) < 2:
-        raise ConfigError(f"label names {names}: the values must be 0 (background), 1, …, K, at least one label.")
-    return dict(sorted(names.items()))
+        raise ConfigError(f"{where}: label values {_short(sorted(names))}: the values must be 0 (background), 1, …, "
+                          "K, at least one label.")  # fmt: skip
+    return check_label_names(dict(sorted(names.items())), where)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
 
 
 def _modality(dataset_dir: Path, given: str | None, modalities: Sequence[str] | None) -> str:
@@ -229,11 +236,13 @@ def init_bundle(
     cases = find_cases(dataset_dir)
     about = dataset_info(dataset_dir)
     notes: list[str] = []
-    names = parse_label_names(label_names) if label_names is not None else about.label_names
-    if not names:
+    if label_names is not None:
+        names = parse_label_names(label_names)
+    elif about.label_names:
+        names = parse_label_names(about.label_names, str(about.manifest))
+    else:
         raise ConfigError(f"{dataset_dir}: no dataset.json with 'labels': pass --label_names background,NAME1,NAME2,… "
                           "(in the order of the label values).")  # fmt: skip
-    names = parse_label_names(names)
     mod = _modality(dataset_dir, modality, about.modalities)
     window: Any = "abdomen"
     if mod == "ct":
@@ -243,7 +252,8 @@ def init_bundle(
             notes.append(f"CT window: abdomen (level {level:g}, width {width:g}); --ct_window changes it")
     elif ct_window is not None:
         notes.append("--ct_window is ignored for MR")
-    task_name = name or about.name or dataset_dir.name
+    task_name = one_line_text(str(name)) if name is not None else ""
+    task_name = task_name or about.name or dataset_dir.name
     source = _start_bundle(from_bundle, profile, shipped)
 
     train = _merged(shipped / "configs" / "train.json", shipped / "configs" / f"{profile}.json")
