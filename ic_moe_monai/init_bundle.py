@@ -40,11 +40,13 @@ from ic_moe_monai.checkpoints import (
     describe_info,
     load_pretrained_weights,
     read_info,
+    read_state_dict,
     shipped_bundle,
     with_info,
 )
 from ic_moe_monai.data import check_label_names, dataset_info, find_cases, one_line_text
 from ic_moe_monai.errors import ConfigError
+from ic_moe_monai.folders import check_new_folder, staged_folder
 from ic_moe_monai.transforms import CT_WINDOWS, modality_name
 from ic_moe_monai.transforms import ct_window as parse_ct_window
 
@@ -189,11 +191,15 @@ def bundle_info(bundle: str | Path) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"bundle {bundle}: no configs/inference.json.")
     if not weights.is_file():
         raise ConfigError(f"bundle {bundle}: no models/model.pt to start from (train it first, or pass --from none).")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle)
-    get = parser.get_parsed_content
-    info = checkpoint_info(get("label_names"), get("modality"), get("ct_window"), get("context"), get("img_size"))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser["bundle_root"] = str(bundle)
+        get = parser.get_parsed_content
+        info = checkpoint_info(get("label_names"), get("modality"), get("ct_window"), get("context"), get("img_size"))
+    except Exception as err:  # invalid JSON, not an object, keys missing or unusable
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"bundle {bundle}: configs/inference.json cannot be used ({problem}).") from err
     return info, weights
 
 
@@ -212,7 +218,8 @@ def init_bundle(
     Args:
         dataset_dir: the dataset (MSD / nnU-Net ``dataset.json`` + ``imagesTr`` / ``labelsTr``, or ``images`` +
             ``labels``).
-        out_bundle: the new bundle folder; must not exist, or be empty.
+        out_bundle: the new bundle folder; must not exist, or be empty, and lie outside the dataset folder and the
+            shipped bundle. It is written beside, under a hidden name, and renamed when complete.
         profile: ``lite`` (CPU), ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h`` (GPU, SAM's encoder) or
             ``baseline_unet``.
         from_bundle: the bundle whose weights training starts from; ``"default"``: the shipped bundle when the
@@ -231,8 +238,7 @@ def init_bundle(
     shipped = shipped_bundle()
     if shipped is None:
         raise ConfigError("the shipped bundle (bundle/ beside the ic_moe_monai package) is missing; it is the recipe.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty folder: give a new folder for the bundle.")
+    check_new_folder(out, "the bundle", {"the dataset folder": dataset_dir, "the shipped bundle": shipped})
     cases = find_cases(dataset_dir)
     about = dataset_info(dataset_dir)
     notes: list[str] = []
@@ -270,23 +276,21 @@ def init_bundle(
             break
     info = checkpoint_info(names, mod, window, train["context"], int(train["img_size"]))
 
-    (out / "models").mkdir(parents=True, exist_ok=True)  # where training writes its checkpoints and model.pt
-    try:
-        result = InitResult(out, names, mod, window, profile, len(cases), None, notes)
+    result = InitResult(out, names, mod, window, profile, len(cases), None, notes)
+    with staged_folder(out) as stage:
+        (stage / "models").mkdir()  # where training writes its checkpoints and model.pt
         if source is not None:
             result.pretrained_from = source
-            result.fine_tuning = _write_pretrained(source, out, train, info)
-        _write_json(out / "configs" / "train.json", train)
-        _write_json(out / "configs" / "inference.json", inference)
+            lines = _write_pretrained(source, stage, train, info)
+            result.fine_tuning = [line.replace(str(stage), str(out)) for line in lines]
+        _write_json(stage / "configs" / "train.json", train)
+        _write_json(stage / "configs" / "inference.json", inference)
         for copied in COPIED_CONFIGS:
-            shutil.copy(shipped / "configs" / copied, out / "configs" / copied)
+            shutil.copy(shipped / "configs" / copied, stage / "configs" / copied)
         spec = _Task(task_name, about, names, mod, window, profile, dataset_dir, len(cases), source)
-        _write_json(out / "configs" / "metadata.json", _metadata(shipped, spec, int(train["img_size"])))
-        _write_docs(out, shipped, spec)
-        _write_large_files(out, shipped, train)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-made bundle
-        raise
+        _write_json(stage / "configs" / "metadata.json", _metadata(shipped, spec, int(train["img_size"])))
+        _write_docs(stage, shipped, spec)
+        _write_large_files(stage, shipped, train)
     logger.info("bundle %s made for %s", out, describe_info(info))
     return result
 
@@ -325,9 +329,7 @@ def _write_pretrained(source: Path, out: Path, train: Mapping[str, Any], info: M
     from monai.bundle import ConfigParser
 
     source_info, weights = bundle_info(source)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
+    state = read_state_dict(weights)
     stamped = read_info(state) or source_info
     parser = ConfigParser()
     # a copy: the parser rewrites the references of the content it is given in place

@@ -4,15 +4,17 @@ the file and the problem, writes nothing, and copies nothing from outside the bu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ic_moe_monai import cli
 from ic_moe_monai.data import dataset_info
 
-from .helpers import make_ct_task
+from .helpers import BUNDLE, make_ct_task
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,66 @@ def test_text_from_dataset_json_cannot_add_markup_or_lines_to_the_card(tmp_path,
     assert [line for line in card.splitlines() if line.startswith("#")].count("# License") == 1
     metadata = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
     assert metadata["name"] == "IC-MoE Evil # License none segmentation"
+
+
+# ------------------------------------------------------------------------------------------------ OUT_BUNDLE
+def test_out_bundle_inside_the_dataset_or_the_shipped_bundle_is_refused(tmp_path, capsys, ct_task):
+    _refused(capsys, "init_bundle", ct_task, ct_task / "bundle", "--from", "none", match="is inside the dataset folder")
+    assert not (ct_task / "bundle").exists()
+    _refused(capsys, "init_bundle", ct_task, BUNDLE / "models" / "mine", "--from", "none",
+             match="is inside the shipped bundle")  # fmt: skip
+    assert not (BUNDLE / "models" / "mine").exists()
+
+
+def test_out_bundle_that_is_a_link_or_under_a_file_is_refused(tmp_path, capsys, ct_task):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in ("link", "dangling"):
+        _refused(capsys, "init_bundle", ct_task, tmp_path / link, "--from", "none", match="is a symbolic link")
+    assert not any((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "nowhere").exists()
+    (tmp_path / "file").write_text("x")
+    _refused(capsys, "init_bundle", ct_task, tmp_path / "file" / "b", "--from", "none", match="is a file, not a folder")
+
+
+def _start_bundle(folder: Path, weights: bytes | None = None) -> Path:
+    """A copy of the shipped bundle's configs with ``weights`` as models/model.pt."""
+    shutil.copytree(BUNDLE / "configs", folder / "configs")
+    (folder / "models").mkdir()
+    (folder / "models" / "model.pt").write_bytes(weights if weights is not None else b"")
+    return folder
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+@pytest.mark.parametrize("kind", ["empty", "corrupt", "code", "list"])
+def test_from_bundle_with_unusable_weights_is_one_line_and_leaves_nothing(tmp_path, capsys, ct_task, kind,
+                                                                         monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    source = _start_bundle(tmp_path / "source")
+    weights = source / "models" / "model.pt"
+    if kind == "corrupt":
+        weights.write_bytes(b"PK\x03\x04" + b"\x00" * 200)
+    elif kind == "code":
+        torch.save({"model": _Code()}, weights)
+    elif kind == "list":
+        torch.save([torch.zeros(2)], weights)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder given for the bundle stays as it was
+    problem = "not a state dict of tensors" if kind == "list" else "not a weights file that torch.load(weights_only"
+    _refused(capsys, "init_bundle", ct_task, out, "--from", source, match=f"{weights}: {problem}")
+    assert not (tmp_path / "ran-code").exists()
+    assert out.is_dir() and not any(out.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.parametrize("config", ["{bad", "[]", "{}"])
+def test_from_bundle_with_unusable_configs_is_one_line(tmp_path, capsys, ct_task, config):
+    source = _start_bundle(tmp_path / "source")
+    (source / "configs" / "inference.json").write_text(config)
+    _refused(capsys, "init_bundle", ct_task, tmp_path / "out", "--from", source,
+             match=f"bundle {source}: configs/inference.json cannot be used")  # fmt: skip
+    assert not (tmp_path / "out").exists()
