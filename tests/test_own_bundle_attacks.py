@@ -13,6 +13,7 @@ import torch
 
 from ic_moe_monai import cli
 from ic_moe_monai.data import dataset_info
+from ic_moe_monai.export_bundle import export_bundle
 
 from .helpers import BUNDLE, make_ct_task
 
@@ -200,3 +201,68 @@ def test_from_bundle_with_unusable_configs_is_one_line(tmp_path, capsys, ct_task
     _refused(capsys, "init_bundle", ct_task, tmp_path / "out", "--from", source,
              match=f"bundle {source}: configs/inference.json cannot be used")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ export_bundle
+@pytest.fixture
+def bundle_copy(tmp_path) -> Path:
+    """A copy of the shipped bundle (it has numbers to export), free to change."""
+    return Path(shutil.copytree(BUNDLE, tmp_path / "bundle"))
+
+
+def test_export_into_its_own_bundle_is_refused(tmp_path, capsys, bundle_copy):
+    for out in (bundle_copy / "export", bundle_copy / "docs" / "export"):
+        _refused(capsys, "export_bundle", bundle_copy, out, match="is inside the bundle")
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("metadata.json", b"{bad", "metadata.json: not valid JSON"),
+        ("metadata.json", b"[]", "metadata.json: not a JSON object"),
+        ("metadata.json", b"\xff\xfe", "metadata.json: cannot be read as UTF-8 text"),
+        ("train.json", b"[1", "train.json: not valid JSON"),
+    ],
+)
+def test_export_of_a_bundle_with_broken_configs_is_one_line(tmp_path, capsys, bundle_copy, name, content, problem):
+    (bundle_copy / "configs" / name).write_bytes(content)
+    _refused(capsys, "export_bundle", bundle_copy, tmp_path / "out", match=problem)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_bundle_with_corrupt_weights_is_one_line(tmp_path, capsys, bundle_copy):
+    (bundle_copy / "models" / "model.pt").write_bytes(b"")
+    _refused(capsys, "export_bundle", bundle_copy, tmp_path / "out", match="model.pt: not a weights file")
+
+
+@pytest.mark.parametrize("link", ["docs/notes.txt", "LICENSE", "large_files.yml", "configs/extra.json", "sample_data"])
+def test_export_copies_nothing_from_outside_the_bundle(tmp_path, capsys, bundle_copy, link):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwords.txt").write_text('{"password": "hunter2"}')
+    path = bundle_copy / link
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.symlink_to(secret if link == "sample_data" else secret / "passwords.txt")
+    _refused(capsys, "export_bundle", bundle_copy, tmp_path / "out", match=f"{path} is a link to")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_leaves_logs_checkpoints_and_hidden_files_out(tmp_path, bundle_copy):
+    (bundle_copy / "eval").mkdir()
+    (bundle_copy / "eval" / "log.txt").write_text("x")
+    for junk in ("models/checkpoint_epoch=3.pt", "models/pretrained.pt", "docs/run.log", "docs/.DS_Store",
+                 "sample_data/checkpoint.pt", "sample_data/.cache/x.nii.gz"):  # fmt: skip
+        (bundle_copy / junk).parent.mkdir(parents=True, exist_ok=True)
+        (bundle_copy / junk).write_bytes(b"x")
+    (bundle_copy / "docs" / "inside.md").symlink_to(bundle_copy / "docs" / "README.md")  # a link within: fine
+    out = export_bundle(bundle_copy, tmp_path / "out")
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.parts[-2:][0] != "__pycache__"}
+    assert {f for f in files if not f.startswith(("scripts/", "configs/"))} == {
+        "LICENSE", "large_files.yml", "models/model.pt", "docs/README.md", "docs/data_license.txt", "docs/inside.md",
+        "sample_data/README.md", "sample_data/hippocampus_003.nii.gz", "sample_data/hippocampus_007.nii.gz",
+    }  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
