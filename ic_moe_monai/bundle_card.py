@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PERFORMANCE_END", "PERFORMANCE_START", "ZOO_HEADINGS", "fill_performance", "missing_headings",
-           "model_card", "performance_table"]  # fmt: skip
+__all__ = ["PERFORMANCE_END", "PERFORMANCE_START", "ZOO_HEADINGS", "fill_performance", "markdown_text",
+           "missing_headings", "model_card", "performance_table"]  # fmt: skip
 
 # The headings of model zoo cards (e.g. spleen_ct_segmentation's docs/README.md), in order.
 ZOO_HEADINGS = ("# Model Overview", "## Data", "## Training configuration", "## Input", "## Output", "## Performance",
@@ -27,6 +27,16 @@ TORCHSCRIPT_NOTE = (
     "encoder and decoder do not script), so in the model zoo's CI the bundle belongs in "
     '`exclude_verify_torchscript_list`; export with `ckpt_export ... --use_trace true --input_shape "[1, 3, S, S]"`.'
 )
+
+
+# Characters that would start Markdown or HTML markup (or end a table cell) in text from a dataset.json.
+_MARKUP = re.compile(r"([\\`*_\[\]|#])")
+
+
+def markdown_text(text: Any) -> str:
+    """``text`` on one line, shown as it is in Markdown (markup characters escaped, ``<`` and ``>`` as entities)."""
+    line = " ".join(str(text).split())
+    return _MARKUP.sub(r"\\\1", line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
 
 
 def missing_headings(card: str) -> list[str]:
@@ -43,7 +53,8 @@ def performance_table(metrics: Mapping[str, Any], label_names: Mapping[int, str]
             continue
         dice = metrics.get(f"{name}_dice", {})
         hd95 = metrics.get(f"{name}_hd95", {})
-        rows.append(f"| {name} | {_number(dice.get('mean'))} | {_number(hd95.get('mean'))} | {dice.get('cases', '')} |")
+        numbers = f"{_number(dice.get('mean'))} | {_number(hd95.get('mean'))} | {dice.get('cases', '')}"
+        rows.append(f"| {markdown_text(name)} | {numbers} |")
     rows.append(f"| **mean** | **{_number(metrics.get('mean_dice', {}).get('mean'))}** | | |")
     return "\n".join(rows) + f"\n\n{source}\n"
 
@@ -63,13 +74,17 @@ def fill_performance(card: str, table: str) -> str:
 def model_card(task_name: str, about: Any, names: Mapping[int, str], modality: str, window: Any, profile: str,
                cases: int, source: Path | None) -> str:  # fmt: skip
     """The model card of a bundle made by ``init_bundle`` (its commands run from the bundle's parent folder)."""
-    foreground = [n for v, n in names.items() if v != 0]
+    foreground = [markdown_text(n) for v, n in names.items() if v != 0]
     kind = "CT" if modality == "ct" else "MR"
     intensity = (f"the CT window `{window}` (HU) mapped to [0, 1]" if modality == "ct"
                  else "the 0.5th–99.5th percentiles mapped to [0, 1]")  # fmt: skip
-    start = f"the weights of the bundle `{source.name}`" if source else "the profile's own initialisation"
-    channel_rows = "\n".join(f"| {v} | {n} |" for v, n in names.items())
-    licence = about.licence or "not stated in the dataset's dataset.json: see `docs/data_license.txt`"
+    start = f"the weights of the bundle {markdown_text(source.name)}" if source else "the profile's own initialisation"
+    channel_rows = "\n".join(f"| {v} | {markdown_text(n)} |" for v, n in names.items())
+    unstated = "not stated in the dataset's dataset.json: see `docs/data_license.txt`"
+    licence = markdown_text(about.licence) if about.licence else unstated
+    task_name = markdown_text(task_name)
+    description = markdown_text(about.description) if about.description else ""
+    reference = markdown_text(about.reference) if about.reference else ""
     return f"""# Model Overview
 
 IC-MoE ({profile} profile) segments **{", ".join(foreground)}** in {kind} volumes, slice by slice with 2.5D context:
@@ -80,7 +95,7 @@ start bundle does not have are re-initialised).
 
 ## Data
 
-{task_name}{": " + about.description if about.description else ""} ({cases} labelled cases when the bundle was made).
+{task_name}{": " + description if description else ""} ({cases} labelled cases when the bundle was made).
 Data licence: {licence}.
 
 ## Training configuration
@@ -141,7 +156,7 @@ python -m ic_moe_monai export_bundle BUNDLE EXPORTED
 
 - Zhang, Chen, Yuan, Tian, Feng. Intelligent Communication Mixture-of-Experts Boosted-Medical Image Segmentation
   Foundation Model. arXiv:2510.17684, 2025.
-- Kirillov et al. Segment Anything. ICCV 2023.{chr(10) + "- " + about.reference.strip() if about.reference else ""}
+- Kirillov et al. Segment Anything. ICCV 2023.{chr(10) + "- " + reference if reference else ""}
 
 # License
 

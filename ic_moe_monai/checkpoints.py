@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ __all__ = [
     "info_mismatch",
     "load_pretrained_weights",
     "read_info",
+    "read_state_dict",
     "refuse_shipped_model",
     "shipped_bundle",
     "with_info",
@@ -381,6 +383,42 @@ class FineTuneReport:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
+def read_state_dict(path: str | Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:
+    """The state dict of tensors in a weights file (a training checkpoint's ``"model"`` entry), read with
+    ``torch.load(weights_only=True)``: a file that holds code is refused, not run.
+
+    Args:
+        path: the file.
+        mmap: map the tensors rather than read them (for a check of a big file); files of PyTorch's old format are
+            then read whole.
+
+    Raises:
+        ConfigError: one line naming the file: it cannot be loaded that way (corrupt, truncated, not PyTorch's, or
+            holding code), or holds something else than a state dict of tensors.
+    """
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file about to be refused
+            warnings.simplefilter("ignore")
+            state = _load_weights_only(path, mmap)
+    except Exception as err:
+        raise ConfigError(f"{path}: not a weights file that torch.load(weights_only=True) reads: corrupt, truncated "
+                          f"or holding code ({type(err).__name__}).") from err  # fmt: skip
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: not a state dict of tensors (it holds a {type(state).__name__}).")
+    return state
+
+
+def _load_weights_only(path: str | Path, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # PyTorch's old format cannot be mapped
+
+
 def load_pretrained_weights(
     network: torch.nn.Module,
     path: str | Path | None,
@@ -408,19 +446,15 @@ def load_pretrained_weights(
         False when ``path`` is empty, else the report (also logged).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a checkpoint of tensors, or none of its tensors fits the network.
+        ConfigError: the file is not a weights file of tensors that loads safely (:func:`read_state_dict`).
+        ValueError: none of its tensors fits the network.
     """
     if not path:
         return False
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained weights {path}: not a state dict of tensors.")
+    state = read_state_dict(path)
     source_info = read_info(state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     target = _unwrap(network)

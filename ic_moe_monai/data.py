@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,25 @@ __all__ = [
     "DatasetInfo",
     "case_name",
     "check_dataset_labels",
+    "check_label_names",
     "datalist",
     "dataset_info",
     "find_cases",
     "find_images",
+    "one_line_text",
+    "read_dataset_json",
     "split_folds",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# dataset.json is a small description of the task: a bigger file is refused before it is read.
+MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
+# Label names reach DICOM SEG segment labels (at most 64 characters, no backslash), table headers and model cards.
+MAX_LABEL_NAME_LENGTH = 64
+# Labelmaps are written as uint8.
+MAX_LABEL_VALUE = 255
+# Evaluation columns are "<name>_dice"; "mean_dice" is the mean over the labels.
+RESERVED_LABEL_NAMES = {"mean"}
 
 
 class DatasetError(ConfigError):
@@ -79,13 +91,38 @@ def find_cases(dataset_dir: str | Path) -> list[dict[str, str]]:
     return sorted(cases, key=lambda c: case_name(c["image"]))
 
 
-def _cases_from_manifest(manifest: Path) -> list[dict[str, str]]:
+def read_dataset_json(manifest: str | Path) -> dict[str, Any]:
+    """The JSON object of a ``dataset.json`` (UTF-8, a byte order mark allowed).
+
+    Raises:
+        DatasetError: one line naming the file: too big, unreadable, not JSON, or not a JSON object.
+    """
+    manifest = Path(manifest)
     try:
-        content = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{manifest}: not a readable JSON file ({err}).") from err
+        size = manifest.stat().st_size
+        data = manifest.read_bytes() if size <= MAX_DATASET_JSON_BYTES else b""
+    except OSError as err:
+        raise DatasetError(f"{manifest}: cannot be read ({err.strerror or err}).") from err
+    if size > MAX_DATASET_JSON_BYTES:
+        raise DatasetError(f"{manifest}: {size / 2**20:.0f} MiB is too big for a dataset.json (at most "
+                           f"{MAX_DATASET_JSON_BYTES // 2**20} MiB).")  # fmt: skip
+    try:
+        content = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{manifest}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from err
+    except RecursionError as err:
+        raise DatasetError(f"{manifest}: not a readable JSON file (nested too deeply).") from err
+    except ValueError as err:  # JSONDecodeError, or a number too long to convert
+        raise DatasetError(f"{manifest}: not a readable JSON file ({str(err).splitlines()[0]}).") from err
+    if not isinstance(content, dict):
+        raise DatasetError(f"{manifest}: not a JSON object (it holds a {type(content).__name__}).")
+    return content
+
+
+def _cases_from_manifest(manifest: Path) -> list[dict[str, str]]:
+    content = read_dataset_json(manifest)
     root = manifest.parent
-    entries = content.get("training") if isinstance(content, dict) else None
+    entries = content.get("training")
     if entries is None:
         return _cases_from_folders(root)  # nnU-Net v2: no list, the cases are the folders' files
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "label"} <= set(e) for e in entries):
@@ -196,26 +233,36 @@ def dataset_info(dataset_dir: str | Path) -> DatasetInfo:
     manifest = root / "dataset.json"
     if not manifest.is_file():
         return DatasetInfo()
-    try:
-        content = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{manifest}: not a readable JSON file ({err}).") from err
-    if not isinstance(content, dict):
-        raise DatasetError(f"{manifest}: not a JSON object.")
+    content = read_dataset_json(manifest)
     info = DatasetInfo(manifest=manifest)
     labels = content.get("labels")
     if labels:
-        info.label_names = _label_names(labels, manifest)
+        info.label_names = check_label_names(_label_names(labels, manifest), str(manifest))
     channels = content.get("modality") or content.get("channel_names")
     if isinstance(channels, Mapping) and channels:
         info.modalities = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k) if str(k).isdigit() else 0)]
     elif isinstance(channels, str):
         info.modalities = [channels]
-    info.name = str(content.get("name", ""))
-    info.description = str(content.get("description", ""))
-    info.reference = str(content.get("reference", ""))
-    info.licence = str(content.get("licence", content.get("license", "")))
+    info.name = _text(content, "name", manifest)
+    info.description = _text(content, "description", manifest)
+    info.reference = _text(content, "reference", manifest)
+    info.licence = _text(content, "licence", manifest) or _text(content, "license", manifest)
     return info
+
+
+def one_line_text(text: str) -> str:
+    """``text`` on one line: control characters and runs of white space become one space."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def _text(content: Mapping[str, Any], key: str, manifest: Path) -> str:
+    """A free-text field of dataset.json on one line ("" when absent or null)."""
+    value = content.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise DatasetError(f"{manifest}: {key!r} must be text, not a {type(value).__name__}.")
+    return one_line_text(str(value))
 
 
 def _label_names(labels: Any, manifest: Path) -> dict[int, str]:
@@ -224,14 +271,61 @@ def _label_names(labels: Any, manifest: Path) -> dict[int, str]:
         raise DatasetError(f"{manifest}: 'labels' must map label values to names.")
     names: dict[int, str] = {}
     for key, value in labels.items():
-        if str(key).strip().isdigit():
-            names[int(key)] = str(value)
+        if re.fullmatch(r"\s*\d+\s*", str(key), re.ASCII):
+            if not isinstance(value, str):
+                raise DatasetError(f"{manifest}: label {key}: the name {value!r} is not text.")
+            number, name = int(key), value
         elif isinstance(value, int) and not isinstance(value, bool):
-            names[value] = str(key)
+            number, name = value, str(key)
         else:
             raise DatasetError(f"{manifest}: label {key!r}: {value!r} is not a label value and name (nnU-Net region "
                                "labels are not supported).")  # fmt: skip
+        if number in names:
+            raise DatasetError(f"{manifest}: label value {number} is given twice ({names[number]!r}, {name!r}).")
+        names[number] = name
     return dict(sorted(names.items()))
+
+
+def check_label_names(names: Mapping[int, str], where: str) -> dict[int, str]:
+    """Label names that every output can carry: text of at most 64 printable characters without a backslash,
+    different from each other (whatever the case), values 0 … 255; surrounding spaces are dropped.
+
+    Raises:
+        DatasetError: one line naming ``where`` (a file or an option) and the first bad name.
+    """
+    checked: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for value, raw in names.items():
+        name = raw.strip() if isinstance(raw, str) else raw
+        problem = _name_problem(name)
+        if problem is None and not 0 <= value <= MAX_LABEL_VALUE:
+            problem = f"its value is not in 0 … {MAX_LABEL_VALUE} (labelmaps are 8-bit)"
+        if problem is None and name.lower() in seen:
+            problem = f"label {seen[name.lower()]} has the same name"
+        if problem is not None:
+            raise DatasetError(f"{where}: label {value} {_shown(raw)}: {problem}.")
+        seen[name.lower()] = value
+        checked[value] = name
+    return checked
+
+
+def _name_problem(name: Any) -> str | None:
+    if not isinstance(name, str):
+        return "the name is not text"
+    if not name:
+        return "the name is empty"
+    if len(name) > MAX_LABEL_NAME_LENGTH:
+        return f"the name is {len(name)} characters long (at most {MAX_LABEL_NAME_LENGTH})"
+    if not name.isprintable() or "\\" in name:
+        return "the name holds a control character or a backslash"
+    if name.lower() in RESERVED_LABEL_NAMES:
+        return "the name is reserved (the evaluation's mean_dice column)"
+    return None
+
+
+def _shown(name: Any) -> str:
+    text = repr(name)
+    return text if len(text) <= 40 else text[:37] + "…"
 
 
 def check_dataset_labels(dataset_dir: str | Path, label_names: Mapping[Any, str]) -> bool:

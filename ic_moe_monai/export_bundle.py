@@ -14,8 +14,13 @@ MONAI model zoo's layout:
   or ``--metrics``), ``required_packages_version`` with the third-party packages ``scripts/`` imports (at the
   installed versions) instead of this package, and ``torchscript``: trace only (``torch.jit.script`` is not
   supported by Segment Anything's modules).
-- ``models/model.pt`` and ``large_files.yml`` listing it with its MD5 (and the profile's SAM checkpoint); ``docs/``
-  (the model card, with the performance table filled in where it has the markers), ``LICENSE``, ``sample_data/``.
+- ``models/model.pt`` (checked to load with ``torch.load(weights_only=True)``) and ``large_files.yml`` listing it
+  with its MD5 (and the profile's SAM checkpoint); ``docs/`` (the model card, with the performance table filled in
+  where it has the markers, its pictures and text files), ``LICENSE``, ``sample_data/`` (images and notes).
+
+Nothing else is copied (no ``eval/``, training checkpoints, logs or hidden files), nor anything a link leads to
+outside the bundle: such a link is refused. The copy is written beside ``OUT`` under a hidden name and renamed
+when complete; ``OUT`` must be new or an empty folder outside the bundle.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from typing import Any
 
 import ic_moe_monai
 from ic_moe_monai.bundle_card import PERFORMANCE_START, fill_performance, missing_headings, performance_table
+from ic_moe_monai.checkpoints import read_state_dict
+from ic_moe_monai.data import IMAGE_SUFFIXES
 from ic_moe_monai.errors import ConfigError
+from ic_moe_monai.folders import check_new_folder, staged_folder
 
 __all__ = ["PACKAGE", "VENDORED_NAME", "export_bundle", "package_modules", "third_party_requirements"]
 
@@ -49,7 +57,11 @@ OPTIONAL_IMPORTS = {"mlflow": "--tracking mlflow", "highdicom": "DICOM SEG outpu
 CONFIG_REQUIREMENTS = ("itk", "tensorboard")  # ITK: MONAI's reader of NRRD and MHA files
 # Listed by metadata.json's own keys (monai_version, pytorch_version, numpy_version).
 LISTED_APART = {"monai", "torch", "numpy"}
-COPIED = ("LICENSE", "docs", "sample_data")
+# What the export takes of these folders: the card and its pictures, sample images and their notes.
+DOCUMENTS = {
+    "docs": (".md", ".txt", ".png", ".jpg", ".jpeg", ".gif", ".svg"),
+    "sample_data": (*IMAGE_SUFFIXES, ".md", ".txt"),
+}
 TORCHSCRIPT = {
     "script": False,
     "trace": True,
@@ -70,53 +82,105 @@ def export_bundle(
 
     Args:
         bundle: the bundle (``configs/``, ``models/model.pt``).
-        out: the new folder; must not exist, or be empty.
+        out: the new folder; must not exist, or be empty, and lie outside ``bundle``.
         metrics: an evaluation's ``metrics_summary.json`` (default: the bundle's ``eval/metrics_summary.json``;
             without one, the numeric ``eval_metrics`` already in its metadata).
         weights_url: where ``models/model.pt`` will be downloadable from, for ``large_files.yml``.
 
     Raises:
-        ConfigError: in one line, when the bundle lacks something the copy needs (configs, weights, numbers).
+        ConfigError: in one line, when the bundle lacks something the copy needs (configs, weights, numbers), a file
+            of it cannot be read, a link in it leads outside it, or ``out`` cannot be used.
     """
     bundle, out = Path(bundle), Path(out)
     for needed in ("configs/inference.json", "configs/metadata.json", "models/model.pt"):
         if not (bundle / needed).is_file():
             raise ConfigError(f"bundle {bundle}: no {needed}" + (" (train it first)." if "model" in needed else "."))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty folder: give a new folder for the export.")
-    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(), object_pairs_hook=OrderedDict)
+    check_new_folder(out, "the export", {"the bundle": bundle})
+    metadata = _read_json_object(bundle / "configs" / "metadata.json")
     eval_metrics, summary = _eval_metrics(bundle, metrics, metadata)
-    configs = sorted(p for p in (bundle / "configs").iterdir() if p.suffix in (".json", ".conf"))
-    contents = {p.name: p.read_text() for p in configs}
+    configs = sorted(p for p in (bundle / "configs").iterdir() if _shipped(p, bundle, (".json", ".conf")))
+    contents = {p.name: _read_text(p) for p in configs}
+    exported = {name: _exported_config(text, bundle / "configs" / name) for name, text in contents.items()}
+    read_state_dict(_inside(bundle / "models" / "model.pt", bundle), mmap=True)
     modules = package_modules(_references(contents.values()))
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        _vendor(modules, out / VENDORED_NAME)
-        for name, text in contents.items():
-            target = out / "configs" / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if name == "metadata.json":
-                continue
-            target.write_text(_exported_config(text) if name.endswith(".json") else text)
+    with staged_folder(out) as stage:
+        _vendor(modules, stage / VENDORED_NAME)
+        (stage / "configs").mkdir()
+        for name, text in exported.items():
+            if name != "metadata.json":
+                (stage / "configs" / name).write_text(text)
         metadata["eval_metrics"] = eval_metrics
-        required = third_party_requirements(out / VENDORED_NAME)
-        metadata["required_packages_version"] = required
+        metadata["required_packages_version"] = third_party_requirements(stage / VENDORED_NAME)
         metadata["torchscript"] = TORCHSCRIPT
-        (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4, ensure_ascii=False) + "\n")
-        (out / "models").mkdir()
-        shutil.copy2(bundle / "models" / "model.pt", out / "models" / "model.pt")
-        for name in COPIED:
-            source = bundle / name
-            if source.is_dir():
-                shutil.copytree(source, out / name)
-            elif source.is_file():
-                shutil.copy2(source, out / name)
-        _write_large_files(bundle, out, weights_url)
-        _finish_card(out, metadata, summary)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-made export
-        raise
+        (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4, ensure_ascii=False) + "\n")
+        (stage / "models").mkdir()
+        shutil.copyfile(bundle / "models" / "model.pt", stage / "models" / "model.pt")
+        _copy_documents(bundle, stage)
+        _write_large_files(bundle, stage, weights_url)
+        _finish_card(stage, bundle, metadata, summary)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ what is copied
+def _inside(path: Path, bundle: Path) -> Path:
+    """``path``, when it is in the bundle also after its links are followed.
+
+    Raises:
+        ConfigError: it leads outside the bundle (nothing from elsewhere on disk is copied into an export).
+    """
+    target = path.resolve()
+    if bundle.resolve() not in target.parents:
+        raise ConfigError(f"{path} is a link to {target}, outside the bundle: copy the file into the bundle.")
+    return path
+
+
+def _shipped(path: Path, bundle: Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether an export carries ``path``: a visible file with one of ``suffixes`` (a link only within the bundle)."""
+    if path.name.startswith(".") or not path.name.lower().endswith(suffixes) or not path.is_file():
+        return False
+    return _inside(path, bundle) == path
+
+
+def _copy_documents(bundle: Path, out: Path) -> None:
+    """``LICENSE``, the card and its pictures under ``docs/``, the images and notes of ``sample_data/``: what a zoo
+    bundle has there, nothing else (no logs, checkpoints or hidden files)."""
+    if (bundle / "LICENSE").is_file():
+        shutil.copyfile(_inside(bundle / "LICENSE", bundle), out / "LICENSE")
+    for folder, suffixes in DOCUMENTS.items():
+        source = bundle / folder
+        if not source.is_dir():
+            continue
+        _inside(source, bundle)
+        for path in sorted(source.rglob("*")):
+            relative = path.relative_to(source)
+            if any(part.startswith((".", "__")) for part in relative.parts) or not _shipped(path, bundle, suffixes):
+                continue
+            (out / folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out / folder / relative)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({getattr(err, 'strerror', None) or err}).") from err
+
+
+def _read_json_object(path: Path) -> OrderedDict:
+    """A JSON object from a bundle's file.
+
+    Raises:
+        ConfigError: one line naming the file: not readable, not JSON, not an object.
+    """
+    try:
+        content = json.loads(_read_text(path), object_pairs_hook=OrderedDict)
+    except (ValueError, RecursionError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not valid JSON ({(str(err).splitlines() or ['nested too deeply'])[0]}).") from err
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: not a JSON object.")
+    return content
 
 
 # ------------------------------------------------------------------------------------------------ scripts/
@@ -230,9 +294,19 @@ def _distributions(module: str, distributions: Mapping[str, list[str]]) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ configs
-def _exported_config(text: str) -> str:
-    """A config for the copy: references to ``scripts``, no machine paths, no fine-tuning start."""
-    config = json.loads(_renamed(text), object_pairs_hook=OrderedDict)
+def _exported_config(text: str, path: Path) -> str:
+    """A config for the copy: references to ``scripts``, no machine paths, no fine-tuning start (``logging.conf``
+    only renamed).
+
+    Raises:
+        ConfigError: a JSON config that is not valid JSON, naming ``path``.
+    """
+    if path.suffix != ".json":
+        return _renamed(text)
+    try:
+        config = json.loads(_renamed(text), object_pairs_hook=OrderedDict)
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({(str(err).splitlines() or ['nested too deeply'])[0]}).") from err
     if not isinstance(config, dict):
         return _renamed(text)
     if isinstance(config.get("dataset_dir"), str) and not config["dataset_dir"].startswith("$"):
@@ -249,11 +323,10 @@ def _eval_metrics(
     """Numeric ``eval_metrics`` (mean Dice, and Dice and HD95 per label) and the evaluation summary they are from."""
     path = Path(metrics) if metrics else bundle / "eval" / "metrics_summary.json"
     if path.is_file():
-        try:
-            report = json.loads(path.read_text())
-            summary = report["summary"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path}: not a metrics_summary.json of the bundle's evaluation.") from err
+        report = _read_json_object(path)
+        summary = report.get("summary")
+        if not isinstance(summary, Mapping):
+            raise ConfigError(f"{path}: not a metrics_summary.json of the bundle's evaluation.")
         unit = report.get("hd95_unit", "mm")
         values: dict[str, float] = {}
         for key, stats in summary.items():
@@ -267,7 +340,8 @@ def _eval_metrics(
         return dict(sorted(values.items(), key=lambda kv: kv[0] != "mean_dice")), summary
     if metrics:
         raise ConfigError(f"--metrics {path}: no such file.")
-    existing = metadata.get("eval_metrics") or {}
+    existing = metadata.get("eval_metrics")
+    existing = existing if isinstance(existing, Mapping) else {}
     numeric = {k: v for k, v in existing.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if not numeric:
         raise ConfigError(f"bundle {bundle}: no evaluation results (eval/metrics_summary.json) and no numeric "
@@ -277,36 +351,51 @@ def _eval_metrics(
 
 def _write_large_files(bundle: Path, out: Path, weights_url: str) -> None:
     """``large_files.yml``: the model with its MD5, then the bundle's own entries (e.g. a SAM checkpoint)."""
-    digest = hashlib.md5((out / "models" / "model.pt").read_bytes()).hexdigest()
+    digest = hashlib.md5()
+    with open(out / "models" / "model.pt", "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 24), b""):
+            digest.update(block)
     lines = ["# Large files of this bundle. The weights' url: where models/model.pt is published (empty: not yet;",
              "# a present file whose hash matches is never downloaded).",
              "# Fetch: python -m monai.bundle download_large_files --bundle_path <bundle>",
              "large_files:",
              '  - path: "models/model.pt"',
              f'    url: "{weights_url}"',
-             f'    hash_val: "{digest}"',
+             f'    hash_val: "{digest.hexdigest()}"',
              '    hash_type: "md5"']  # fmt: skip
     own = bundle / "large_files.yml"
     if own.is_file():
-        entries = own.read_text().split("large_files:", 1)[-1]
+        entries = _read_text(_inside(own, bundle)).split("large_files:", 1)[-1]
         lines += [line for line in entries.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     (out / "large_files.yml").write_text("\n".join(lines) + "\n")
 
 
-def _finish_card(out: Path, metadata: Mapping[str, Any], summary: Mapping[str, Any] | None) -> None:
+def _finish_card(out: Path, bundle: Path, metadata: Mapping[str, Any], summary: Mapping[str, Any] | None) -> None:
     """The card must have the zoo's headings; its performance markers get the evaluation's table."""
     card_path = out / "docs" / "README.md"
     if not card_path.is_file():
-        raise ConfigError(f"{card_path.parent.parent}: no docs/README.md (the model card).")
+        raise ConfigError(f"bundle {bundle}: no docs/README.md (the model card).")
     card = card_path.read_text()
     missing = missing_headings(card)
     if missing:
-        raise ConfigError(f"the model card docs/README.md lacks the model zoo's headings {', '.join(missing)}.")
+        raise ConfigError(f"{bundle / 'docs' / 'README.md'} lacks the model zoo's headings {', '.join(missing)}.")
     if summary is not None and PERFORMANCE_START in card:
-        outputs = metadata["network_data_format"]["outputs"]
-        names = {int(k): v for k, v in next(iter(outputs.values()))["channel_def"].items()}
+        names = _channel_def(metadata, bundle / "configs" / "metadata.json")
         source = (
             f"From `{summary['_source']}` of the bundle's evaluation ({summary['_cases']} cases, MONAI convention)."
         )
         card = fill_performance(card, performance_table(summary, names, source))
     card_path.write_text(card)
+
+
+def _channel_def(metadata: Mapping[str, Any], path: Path) -> dict[int, str]:
+    """``{value: name}`` of the first output's ``channel_def``.
+
+    Raises:
+        ConfigError: the metadata has none, or not as label values and names.
+    """
+    try:
+        outputs = metadata["network_data_format"]["outputs"]
+        return {int(k): str(v) for k, v in next(iter(outputs.values()))["channel_def"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError, StopIteration) as err:
+        raise ConfigError(f"{path}: no network_data_format.outputs with a channel_def of label values.") from err

@@ -40,11 +40,13 @@ from ic_moe_monai.checkpoints import (
     describe_info,
     load_pretrained_weights,
     read_info,
+    read_state_dict,
     shipped_bundle,
     with_info,
 )
-from ic_moe_monai.data import dataset_info, find_cases
+from ic_moe_monai.data import check_label_names, dataset_info, find_cases, one_line_text
 from ic_moe_monai.errors import ConfigError
+from ic_moe_monai.folders import check_new_folder, staged_folder
 from ic_moe_monai.transforms import CT_WINDOWS, modality_name
 from ic_moe_monai.transforms import ct_window as parse_ct_window
 
@@ -104,37 +106,44 @@ class InitResult:
         return lines
 
 
-def parse_label_names(value: Any) -> dict[int, str]:
+def parse_label_names(value: Any, where: str = "--label_names") -> dict[int, str]:
     """``--label_names``: names separated by commas in the order of the label values (``liver,spleen``: 1, 2; a
     first name ``background`` is value 0), a JSON object ``{"1": "liver"}`` or a list; background is added when
-    value 0 has no name.
+    value 0 has no name. ``where`` (the option, or the dataset.json the names are from) starts every error.
 
     Raises:
-        ConfigError: anything else, or values that are not 0 … K.
+        ConfigError: anything else, values that are not 0 … K, or names an output cannot carry
+            (:func:`~ic_moe_monai.data.check_label_names`).
     """
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{") or text.startswith("["):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"--label_names {value!r} is not valid JSON ({err.msg}).") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ConfigError(f"{where} {_short(value)} is not valid JSON ({getattr(err, 'msg', err)}).") from err
         else:
             value = [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(value, (list, tuple)):
         first = 0 if value and str(value[0]).strip().lower() == "background" else 1
-        names = {i: str(n) for i, n in enumerate(value, start=first)}
+        names = {i: n if isinstance(n, str) else str(n) for i, n in enumerate(value, start=first)}
     elif isinstance(value, Mapping):
         try:
-            names = {int(k): str(v) for k, v in value.items()}
-        except ValueError as err:
-            raise ConfigError(f"--label_names {value!r}: the keys must be label values.") from err
+            names = {int(k): v for k, v in value.items()}
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where} {_short(value)}: the keys must be label values.") from err
     else:
-        raise ConfigError(f"--label_names {value!r}: give names separated by commas, background first.")
+        raise ConfigError(f"{where} {_short(value)}: give names separated by commas, background first.")
     names.setdefault(0, "background")
     if sorted(names) != list(range(len(names))) or len(names) < 2:
-        raise ConfigError(f"label names {names}: the values must be 0 (background), 1, …, K, at least one label.")
-    return dict(sorted(names.items()))
+        raise ConfigError(f"{where}: label values {_short(sorted(names))}: the values must be 0 (background), 1, …, "
+                          "K, at least one label.")  # fmt: skip
+    return check_label_names(dict(sorted(names.items())), where)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
 
 
 def _modality(dataset_dir: Path, given: str | None, modalities: Sequence[str] | None) -> str:
@@ -182,11 +191,15 @@ def bundle_info(bundle: str | Path) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"bundle {bundle}: no configs/inference.json.")
     if not weights.is_file():
         raise ConfigError(f"bundle {bundle}: no models/model.pt to start from (train it first, or pass --from none).")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle)
-    get = parser.get_parsed_content
-    info = checkpoint_info(get("label_names"), get("modality"), get("ct_window"), get("context"), get("img_size"))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser["bundle_root"] = str(bundle)
+        get = parser.get_parsed_content
+        info = checkpoint_info(get("label_names"), get("modality"), get("ct_window"), get("context"), get("img_size"))
+    except Exception as err:  # invalid JSON, not an object, keys missing or unusable
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"bundle {bundle}: configs/inference.json cannot be used ({problem}).") from err
     return info, weights
 
 
@@ -205,7 +218,8 @@ def init_bundle(
     Args:
         dataset_dir: the dataset (MSD / nnU-Net ``dataset.json`` + ``imagesTr`` / ``labelsTr``, or ``images`` +
             ``labels``).
-        out_bundle: the new bundle folder; must not exist, or be empty.
+        out_bundle: the new bundle folder; must not exist, or be empty, and lie outside the dataset folder and the
+            shipped bundle. It is written beside, under a hidden name, and renamed when complete.
         profile: ``lite`` (CPU), ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h`` (GPU, SAM's encoder) or
             ``baseline_unet``.
         from_bundle: the bundle whose weights training starts from; ``"default"``: the shipped bundle when the
@@ -224,16 +238,17 @@ def init_bundle(
     shipped = shipped_bundle()
     if shipped is None:
         raise ConfigError("the shipped bundle (bundle/ beside the ic_moe_monai package) is missing; it is the recipe.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty folder: give a new folder for the bundle.")
+    check_new_folder(out, "the bundle", {"the dataset folder": dataset_dir, "the shipped bundle": shipped})
     cases = find_cases(dataset_dir)
     about = dataset_info(dataset_dir)
     notes: list[str] = []
-    names = parse_label_names(label_names) if label_names is not None else about.label_names
-    if not names:
+    if label_names is not None:
+        names = parse_label_names(label_names)
+    elif about.label_names:
+        names = parse_label_names(about.label_names, str(about.manifest))
+    else:
         raise ConfigError(f"{dataset_dir}: no dataset.json with 'labels': pass --label_names background,NAME1,NAME2,… "
                           "(in the order of the label values).")  # fmt: skip
-    names = parse_label_names(names)
     mod = _modality(dataset_dir, modality, about.modalities)
     window: Any = "abdomen"
     if mod == "ct":
@@ -243,7 +258,8 @@ def init_bundle(
             notes.append(f"CT window: abdomen (level {level:g}, width {width:g}); --ct_window changes it")
     elif ct_window is not None:
         notes.append("--ct_window is ignored for MR")
-    task_name = name or about.name or dataset_dir.name
+    task_name = one_line_text(str(name)) if name is not None else ""
+    task_name = task_name or about.name or dataset_dir.name
     source = _start_bundle(from_bundle, profile, shipped)
 
     train = _merged(shipped / "configs" / "train.json", shipped / "configs" / f"{profile}.json")
@@ -260,23 +276,21 @@ def init_bundle(
             break
     info = checkpoint_info(names, mod, window, train["context"], int(train["img_size"]))
 
-    (out / "models").mkdir(parents=True, exist_ok=True)  # where training writes its checkpoints and model.pt
-    try:
-        result = InitResult(out, names, mod, window, profile, len(cases), None, notes)
+    result = InitResult(out, names, mod, window, profile, len(cases), None, notes)
+    with staged_folder(out) as stage:
+        (stage / "models").mkdir()  # where training writes its checkpoints and model.pt
         if source is not None:
             result.pretrained_from = source
-            result.fine_tuning = _write_pretrained(source, out, train, info)
-        _write_json(out / "configs" / "train.json", train)
-        _write_json(out / "configs" / "inference.json", inference)
+            lines = _write_pretrained(source, stage, train, info)
+            result.fine_tuning = [line.replace(str(stage), str(out)) for line in lines]
+        _write_json(stage / "configs" / "train.json", train)
+        _write_json(stage / "configs" / "inference.json", inference)
         for copied in COPIED_CONFIGS:
-            shutil.copy(shipped / "configs" / copied, out / "configs" / copied)
+            shutil.copy(shipped / "configs" / copied, stage / "configs" / copied)
         spec = _Task(task_name, about, names, mod, window, profile, dataset_dir, len(cases), source)
-        _write_json(out / "configs" / "metadata.json", _metadata(shipped, spec, int(train["img_size"])))
-        _write_docs(out, shipped, spec)
-        _write_large_files(out, shipped, train)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-made bundle
-        raise
+        _write_json(stage / "configs" / "metadata.json", _metadata(shipped, spec, int(train["img_size"])))
+        _write_docs(stage, shipped, spec)
+        _write_large_files(stage, shipped, train)
     logger.info("bundle %s made for %s", out, describe_info(info))
     return result
 
@@ -315,9 +329,7 @@ def _write_pretrained(source: Path, out: Path, train: Mapping[str, Any], info: M
     from monai.bundle import ConfigParser
 
     source_info, weights = bundle_info(source)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
+    state = read_state_dict(weights)
     stamped = read_info(state) or source_info
     parser = ConfigParser()
     # a copy: the parser rewrites the references of the content it is given in place
