@@ -372,3 +372,18 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, threshold_config):
     code, err = _cli(capsys, tmp_path / "missing", out, "--quiet")
     assert code == 2 and "no such file or folder" in _one_error_line(err)
     assert not out.exists() or not list(out.glob("*.nii.gz"))  # nothing was segmented
+
+
+def test_long_input_names_give_writable_distinct_outputs(tmp_path, threshold_config):
+    """Inputs named near the file system's 255-byte limit: outputs that add suffixes to the name would be too long,
+    so the case name is cut and given a digest; two such names stay distinct and every output is written."""
+    stem_a, stem_b = "a" * 240 + "1", "a" * 240 + "2"
+    _volume(tmp_path / "in" / f"{stem_a}.nii.gz", seed=0)
+    _volume(tmp_path / "in" / f"{stem_b}.nii.gz", seed=1)
+    report = _run(tmp_path / "in", tmp_path / "out", threshold_config, statistics=True, preview=True)
+    assert [c.status for c in report.cases] == ["done", "done"] and report.exit_code == 0
+    names = {c.name for c in report.cases}
+    assert len(names) == 2 and all(len(os.fsencode(n)) <= 200 for n in names)
+    for case in report.cases:
+        assert len(case.outputs) == 4 and all(Path(p).is_file() for p in case.outputs.values())
+        assert case.source.endswith(".nii.gz") and len(Path(case.source).name) > 240

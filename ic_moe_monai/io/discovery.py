@@ -11,6 +11,7 @@ loaded.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import defaultdict
@@ -28,6 +29,9 @@ __all__ = ["NON_IMAGE_MODALITIES", "Case", "Skipped", "check_series_geometry", "
 
 # Modalities of DICOM objects that hold no image volume.
 DESCRIPTION_BYTES = 64  # of a SeriesDescription in a case name (a long one would make output names unwritable)
+# Case names become output names with suffixes of up to ~25 bytes (``_seg_stored.json``, ``_2``, lock files): a
+# longer name (from a long file name) is cut and given a digest of the whole, within a file system's 255 bytes.
+NAME_BYTES = 200
 NON_IMAGE_MODALITIES = {
     "SEG",
     "RTSTRUCT",
@@ -330,10 +334,20 @@ def _series_name(folder: Path, header: pydicom.Dataset) -> str:
     return "_".join(parts)
 
 
+def _short_name(name: str) -> str:
+    """``name`` if it fits :data:`NAME_BYTES`, else its start and a digest of the whole (still distinct)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= NAME_BYTES:
+        return name
+    digest = hashlib.sha1(encoded).hexdigest()[:12]
+    return f"{encoded[: NAME_BYTES - 13].decode('utf-8', 'ignore')}_{digest}"
+
+
 def _unique_names(cases: list[Case]) -> list[Case]:
     """Give every case a distinct name (``name``, ``name_2``, ...) in a stable order."""
     seen: dict[str, int] = defaultdict(int)
     for case in sorted(cases, key=lambda c: (str(c.path), c.series_uid or "")):
+        case.name = _short_name(case.name)
         seen[case.name] += 1
         if seen[case.name] > 1:
             case.name = f"{case.name}_{seen[case.name]}"
