@@ -4,8 +4,9 @@ The shipped bundle is the recipe; a task (its labels, modality and intensity pre
 size) make a bundle of their own, written in full so that every command on it needs no task option:
 
 - ``configs/train.json`` and ``configs/inference.json``: the shipped configs with the profile's settings merged in
-  and the task's ``label_names``, ``modality``, ``ct_window`` and ``dataset_dir``; ``evaluate.json``,
-  ``multi_gpu_*.json`` and ``logging.conf`` as shipped;
+  and the task's ``label_names``, ``modality``, ``ct_window`` and ``dataset_dir``, and the task-specific inference
+  options off (:data:`TASK_SPECIFIC_OPTIONS`, also in ``evaluate.json``); ``multi_gpu_*.json`` and ``logging.conf``
+  as shipped;
 - ``configs/metadata.json``: ``channel_def`` (the label names every output and MONAI Label use), the input's
   modality and size, the classes, a changelog entry;
 - ``models/pretrained.pt``: with ``--from BUNDLE`` (default: the shipped bundle, for the profile it was trained
@@ -55,7 +56,10 @@ __all__ = ["PROFILES", "InitResult", "bundle_info", "init_bundle", "parse_label_
 logger = logging.getLogger(__name__)
 
 PROFILES = ("lite", "sam_vit_b", "sam_vit_l", "sam_vit_h", "baseline_unet")
-COPIED_CONFIGS = ("evaluate.json", "multi_gpu_train.json", "multi_gpu_evaluate.json", "logging.conf")
+COPIED_CONFIGS = ("multi_gpu_train.json", "multi_gpu_evaluate.json", "logging.conf")
+# Inference options the shipped bundle turns on from its own validation (one connected hippocampus part per label);
+# a new task starts with them off: e.g. keeping the largest component would drop one of two kidneys in one label.
+TASK_SPECIFIC_OPTIONS = {"keep_largest_component": False, "tta_mirror": False}
 # Modality names of dataset.json files (MSD, nnU-Net) → the intensity preset.
 CT_NAMES = {"ct", "cect", "ncct", "cbct"}
 MR_NAMES = {"mr", "mri", "t1", "t1w", "t1c", "t1ce", "t1gd", "t2", "t2w", "flair", "adc", "dwi", "pd", "swi", "hbv"}
@@ -269,7 +273,14 @@ def init_bundle(
     train["profile"], train["dataset_dir"] = profile, str(dataset_dir)
     train["pretrained_ckpt"] = "$@bundle_root + '/models/pretrained.pt'" if source else None
     inference.update(task)
+    inference.update(TASK_SPECIFIC_OPTIONS)
     inference["profile"] = profile
+    evaluate = _read_json(shipped / "configs" / "evaluate.json")
+    evaluate.update({k: v for k, v in TASK_SPECIFIC_OPTIONS.items() if k in evaluate})
+    notes.append(
+        "keep_largest_component and tta_mirror are off (the shipped model's choices were measured on its "
+        "own task); turn one on with --keep_largest_component true where validation shows a gain"
+    )
     for images in ("imagesTs", "imagesTr", "images"):  # what `run inference` segments unless --dataset_dir says
         if (dataset_dir / images).is_dir():
             inference["dataset_dir"] = str(dataset_dir / images)
@@ -285,6 +296,7 @@ def init_bundle(
             result.fine_tuning = [line.replace(str(stage), str(out)) for line in lines]
         _write_json(stage / "configs" / "train.json", train)
         _write_json(stage / "configs" / "inference.json", inference)
+        _write_json(stage / "configs" / "evaluate.json", evaluate)
         for copied in COPIED_CONFIGS:
             shutil.copy(shipped / "configs" / copied, stage / "configs" / copied)
         spec = _Task(task_name, about, names, mod, window, profile, dataset_dir, len(cases), source)

@@ -105,6 +105,10 @@ def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_ta
         content = json.loads((bundle / "configs" / config).read_text())
         assert content["label_names"] == {str(k): v for k, v in CT_LABELS.items()}
         assert content["modality"] == "ct" and content["ct_window"] == "abdomen" and content["profile"] == "lite"
+    for config in ("inference.json", "evaluate.json"):  # options chosen on the shipped task start off for a new one
+        content = json.loads((bundle / "configs" / config).read_text())
+        assert content["keep_largest_component"] is False and content["tta_mirror"] is False, config
+    assert json.loads((BUNDLE / "configs" / "inference.json").read_text())["keep_largest_component"] is True
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {str(k): v for k, v in CT_LABELS.items()} and pred["num_channels"] == 4
