@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def machine_info() -> dict[str, object]:
     cpu = platform.processor() or "unknown"
@@ -26,3 +28,15 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def public_settings(settings: dict[str, object]) -> dict[str, object]:
+    """A benchmark's settings as a results file may show them: a path inside the repository relative to it, any
+    other path by its last two parts (``msd_hippocampus/imagesTr``), so no machine's folders end up in results."""
+    shown: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and os.sep in value and Path(value).is_absolute():
+            path = Path(value).resolve()
+            value = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(Path(*path.parts[-2:]))
+        shown[key] = value
+    return shown

@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info
+from common import machine_info, public_settings
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -474,8 +474,8 @@ def main() -> None:
     if not args.input and not args.large_ct:
         parser.error("give --input (folder scenario) and/or --large_ct")
 
-    results: dict[str, object] = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
-                                  "settings": {k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
+    settings = public_settings({k: v for k, v in vars(args).items() if k != "out"})
+    results: dict[str, object] = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "settings": settings}
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
             results.update(folder_scenarios(args, Path(tmp)))

@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ic_moe_monai.engines import ICMoETrainer, adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info
+from common import machine_info, public_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 PROFILES = {"lite": "lite.json", "sam_vit_b": "sam_vit_b.json"}
@@ -347,7 +347,8 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     profile_dir = Path(args.profile_dir or Path(args.out).with_suffix("")).resolve()
-    report: dict[str, Any] = {"machine": machine_info(), "device": str(device), "settings": vars(args), "profiles": {}}
+    settings = public_settings(vars(args))
+    report: dict[str, Any] = {"machine": machine_info(), "device": str(device), "settings": settings, "profiles": {}}
     for profile in args.profiles.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             parser = _parser(profile, args, device, Path(tmp))
