@@ -273,7 +273,15 @@ class BundleCheckpointLoader(CheckpointLoader):
             path = Path(self.load_path)
             if not path.is_file():
                 raise ConfigError(f"checkpoint {path}: no such file (train the bundle first, or pass --ckpt_path).")
-            checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+            try:
+                with warnings.catch_warnings():  # e.g. about the pickle protocol of a file about to be refused
+                    warnings.simplefilter("ignore")
+                    checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+            except Exception as err:  # torch.load raises many types for files that are not checkpoints
+                raise ConfigError(f"checkpoint {path}: not a file that torch.load(weights_only=True) reads: corrupt, "
+                                  f"truncated or holding code ({type(err).__name__}).") from err  # fmt: skip
+            if not isinstance(checkpoint, Mapping):
+                raise ConfigError(f"checkpoint {path}: not a checkpoint (it holds a {type(checkpoint).__name__}).")
             key = next(iter(self.load_dict))
             state = checkpoint.get(key, checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
             check_checkpoint(state, self.info, path)

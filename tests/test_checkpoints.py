@@ -86,6 +86,49 @@ def test_bundle_checkpoint_loader_refuses_when_attached(tmp_path):
     assert torch.equal(target.mask_decoder.mask_tokens.weight, _net(3, 0).mask_decoder.mask_tokens.weight)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "code", "list"])
+def test_bundle_checkpoint_loader_refuses_unreadable_files_in_one_line(tmp_path, kind, capsys):
+    path = tmp_path / "model.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save(_net(2, 0).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "code":
+        torch.save({"model": _RunsCode()}, path)
+    else:
+        torch.save([torch.zeros(2)], path)
+    loader = BundleCheckpointLoader(str(path), {"model": _net(2, 0)}, checkpoint_info(HIPPOCAMPUS))
+    with pytest.raises(ConfigError, match=r"^checkpoint .*model\.pt: not a (file that torch\.load|checkpoint)"):
+        loader.attach(Engine(lambda e, b: None))
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_a_corrupt_model_in_run_inference_is_one_line(tmp_path):
+    """``python -m monai.bundle run inference --ckpt_path <corrupt>``: one line naming the file, no traceback."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "inference.json"),
+           "--bundle_root", str(BUNDLE), "--ckpt_path", str(tmp_path / "model.pt"),
+           "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: checkpoint {tmp_path / 'model.pt'}: not a file that torch.load(weights_only=True) reads" in (
+        result.stderr
+    )
+
+
 def test_fine_tuning_to_other_labels_loads_what_fits_and_renews_class_parts(tmp_path):
     source = _net(2, 0)
     torch.save(with_info(source.state_dict(), checkpoint_info(HIPPOCAMPUS, img_size=32)), tmp_path / "shipped.pt")
