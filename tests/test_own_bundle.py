@@ -10,8 +10,6 @@ import csv
 import hashlib
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +46,26 @@ class _Blocked:
 
 
 sys.meta_path.insert(0, _Blocked())
+"""
+
+# Ctrl-C at a known step: a real SIGINT to the training process from inside its 7th step (the 1st of epoch 2), so the
+# test does not race the process's output as a reader of a pipe would.
+CTRL_C_AT_STEP_7 = """import os
+import signal
+
+from ic_moe_monai import resume
+
+_maybe_stop = resume.TrainingCheckpoints._maybe_stop
+
+
+def _ctrl_c_at_step_7(self, engine):
+    if engine.state.iteration == 7 and not getattr(self, "_ctrl_c_sent", False):
+        self._ctrl_c_sent = True
+        os.kill(os.getpid(), signal.SIGINT)
+    _maybe_stop(self, engine)
+
+
+resume.TrainingCheckpoints._maybe_stop = _ctrl_c_at_step_7
 """
 
 
@@ -376,22 +394,19 @@ def test_ctrl_c_in_the_training_command_stops_cleanly_and_the_same_command_resum
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", f"{bundle}/configs/train.json",
                "--bundle_root", str(bundle), "--dataset_dir", str(ct_task), *short, "--max_epochs", "3",
                "--log_interval", "1"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "Epoch: 2/3, Iter: 1/6" in line:  # a step into the second epoch (iteration 7)
-            process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=600) == 130
-    log = "".join(lines)
+    hook = tmp_path / "ctrl_c"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CTRL_C_AT_STEP_7)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 130, log[-4000:]
     assert "Traceback" not in log, log[-8000:]
-    # the step that printed the line (its later handlers see the signal), or a later one of the same epoch
-    stops = re.findall(r"interrupted at epoch 2, iteration (7|8|9|10|11):", log)
-    assert len(stops) == 1, log[-4000:]
+    assert log.count("interrupted at epoch 2, iteration 7:") == 1, log[-4000:]
     assert (bundle / "models" / "checkpoint_interrupted.pt").is_file()
 
     log = _run(*command[1:])
-    assert "checkpoint_interrupted.pt" in log and re.search(rf"continuing after epoch \d, iteration {stops[0]}\.", log)
+    assert "checkpoint_interrupted.pt" in log and "continuing after epoch 1, iteration 7." in log
     assert "training finished after epoch 3: best val_mean_dice" in log
     assert sorted(p.name for p in (bundle / "models").glob("checkpoint*")) == ["checkpoint_epoch=2.pt",
                                                                                "checkpoint_epoch=3.pt"]  # fmt: skip
