@@ -17,7 +17,7 @@ uses the second.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -259,6 +259,9 @@ class ClickPromptBatch:
         max_depth: cap of the distance weights of :func:`device_clicks`.
         cuda_graph: run the error-finding forward and the clicks as a CUDA graph on CUDA.
         image_key, label_key: keys of the batch dictionary.
+        forward_keys: further keys of the batch handed to the network as keyword arguments of the same name, in
+            every batch (e.g. ``["trunk"]`` for the cached encoder trunk of
+            :class:`~ic_moe_monai.trunk_cache.TrunkCacheLoader`).
     """
 
     def __init__(
@@ -275,6 +278,7 @@ class ClickPromptBatch:
         cuda_graph: bool = False,
         image_key: str = "image",
         label_key: str = "label",
+        forward_keys: Sequence[str] = (),
     ) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {prob}.")
@@ -289,6 +293,7 @@ class ClickPromptBatch:
         self.num_classes = num_classes
         self.max_depth = max_depth
         self.image_key, self.label_key = image_key, label_key
+        self.forward_keys = tuple(forward_keys or ())
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._draw = random.Random(seed)
         self._rng = np.random.default_rng(seed + (torch.distributed.get_rank() if distributed else 0))
@@ -304,18 +309,27 @@ class ClickPromptBatch:
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple:
-        """``(image, label)``, or ``(image, label, (), {"points": ..., "point_labels": ...})`` for a clicked batch."""
-        image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        if self._draw.random() >= self.prob:
-            return image, label
-        points, point_labels = self._prompts(image, label)
-        return image, label, (), {"points": points, "point_labels": point_labels}
+        """``(image, label)``, or ``(image, label, (), {"points": ..., "point_labels": ...})`` for a clicked batch
+        (plus the ``forward_keys`` in the keyword arguments of every batch)."""
 
-    def _click_prompts(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def to(key: str) -> torch.Tensor:
+            return torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
+
+        image, label = to(self.image_key), to(self.label_key)
+        if label.dtype != torch.long and not label.is_floating_point():
+            label = label.long()
+        extra = {key: to(key) for key in self.forward_keys}
+        if self._draw.random() >= self.prob:
+            return (image, label, (), extra) if extra else (image, label)
+        points, point_labels = self._prompts(image, label, *extra.values())
+        return image, label, (), {**extra, "points": points, "point_labels": point_labels}
+
+    def _click_prompts(
+        self, image: torch.Tensor, label: torch.Tensor, *extra: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pred, num_classes = None, self.num_classes
         if self.network is not None:
-            logits = self._logits(image)
+            logits = self._logits(image, dict(zip(self.forward_keys, extra, strict=True)))
             pred, num_classes = channel_argmax(logits), num_classes or logits.shape[1] - 1
         if not image.is_cuda:  # on the CPU, SciPy's exact distance transform per slice is the faster of the two
             return simulate_clicks(label, pred, self.max_clicks, self.band, self._rng)
@@ -324,6 +338,6 @@ class ClickPromptBatch:
         return device_clicks(label, pred, num_classes, self.max_clicks, self.band, self.max_depth)
 
     @torch.no_grad()
-    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+    def _logits(self, image: torch.Tensor, extra: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with autocast(image.device, self.amp, self.amp_dtype):
-            return _logits(self.network(image))
+            return _logits(self.network(image, **extra))

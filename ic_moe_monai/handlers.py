@@ -143,9 +143,11 @@ class TrainingTimeLimit:
 
     Attach it after the validation handler, so the last epoch is still validated. After each epoch it compares the
     training time so far plus the longest epoch so far with ``max_minutes``, and terminates when the next epoch would
-    not fit (under torch.distributed: when it would not fit on some rank, so all ranks stop together). Validation and
-    checkpoints of the finished epochs are kept. With a shared :class:`TrainingClock` the budget covers resumed runs
-    too (the clock's time is saved with the checkpoints), and the learning-rate schedule can follow the same clock.
+    not fit (under torch.distributed: when it would not fit on some rank, so all ranks stop together). The first epoch
+    of a run counts only until a second one is done: it also pays one-off costs (warm-up, filling a cache of
+    frozen-encoder features) that later epochs do not. Validation and checkpoints of the finished epochs are kept.
+    With a shared :class:`TrainingClock` the budget covers resumed runs too (the clock's time is saved with the
+    checkpoints), and the learning-rate schedule can follow the same clock.
 
     Args:
         max_minutes: the budget; ``None`` or a value ≤ 0 means no limit.
@@ -156,6 +158,7 @@ class TrainingTimeLimit:
         self.max_seconds = None if not max_minutes or max_minutes <= 0 else float(max_minutes) * 60
         self.clock = clock if clock is not None else TrainingClock()
         self._epoch_start = 0.0
+        self._first = 0.0
         self._longest = 0.0
 
     def attach(self, engine: Engine) -> None:
@@ -169,9 +172,13 @@ class TrainingTimeLimit:
         self._epoch_start = time.monotonic()
 
     def _check(self, engine: Engine) -> None:
-        self._longest = max(self._longest, time.monotonic() - self._epoch_start)
+        took = time.monotonic() - self._epoch_start
+        if not self._first:
+            self._first = took
+        else:
+            self._longest = max(self._longest, took)
         used = self.clock.seconds()
-        stop = torch.tensor(float(used + self._longest > self.max_seconds))
+        stop = torch.tensor(float(used + (self._longest or self._first) > self.max_seconds))
         if dist.is_available() and dist.is_initialized():  # every rank must stop at the same epoch
             stop = stop.to("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)

@@ -99,8 +99,8 @@ def test_training_pipeline_yields_true_neighbour_stacks(hippocampus_dir):
     parser["dataset_dir"] = str(hippocampus_dir)
     parser["max_train_cases"] = 3
     parser["num_workers"] = 0
-    parser["train#dataloader#augmentation"] = None
-    loader = parser.get_parsed_content("train#dataloader")
+    parser["train#slice_loader#augmentation"] = None
+    loader = parser.get_parsed_content("train#slice_loader")
     preprocessing = parser.get_parsed_content("train#preprocessing")
     cases = parser.get_parsed_content("train#dataset#data")
     volumes = [preprocessing(case) for case in cases]

@@ -137,6 +137,14 @@ def test_time_limit_stops_before_the_budget():
     assert unlimited.state.epoch == 5
 
 
+def test_time_limit_does_not_plan_with_a_first_epoch_that_paid_one_off_costs():
+    """A first epoch that fills a cache (0.3 s) must not make every later estimate that long (they take ~0.02 s)."""
+    engine = Engine(lambda e, b: time.sleep(0.3 if e.state.epoch == 1 else 0.02))
+    TrainingTimeLimit(max_minutes=0.7 / 60).attach(engine)  # planned with 0.3 s per epoch it would stop at epoch 3
+    engine.run([0], max_epochs=30)
+    assert engine.state.epoch >= 6
+
+
 def test_reports_are_valid_json_with_null_for_undefined(tmp_path):
     """metrics_summary.json holds null, never NaN (not JSON), where a value is undefined."""
     import json
