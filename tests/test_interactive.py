@@ -11,6 +11,7 @@ import torch
 
 from ic_moe_monai.io import Case
 from ic_moe_monai.label import ClickError, InteractiveSegmenter, make_app_folder, parse_clicks
+from ic_moe_monai.label.interactive import parse_box
 from ic_moe_monai.segment import BundleSegmenter, load_case
 
 from .helpers import BUNDLE
@@ -55,6 +56,34 @@ def test_clicks_change_the_mask_near_them_only(engine, automatic):
     # a background click removes the label under it
     off, _ = engine(IMAGE, foreground=[[x, y, z]], background=[[x, y, z]], label=2)
     assert np.asarray(off[0])[x, y, z] == 0
+
+
+def test_a_box_redecodes_its_slices_and_keeps_the_label_inside_it(engine, automatic):
+    z = int(np.argmax((automatic == 1).sum(axis=(0, 1))))  # the slice with the most anterior voxels
+    xs, ys = np.nonzero(automatic[..., z] == 1)
+    box = [[int(xs.min()), int(ys.min()), z], [int(xs.min()) + 3, int(ys.min()) + 3, z]]  # a corner of the label
+    labels, info = engine(IMAGE, box=box, label="anterior")
+    labels = np.asarray(labels[0])
+    assert info["refined_slices"] == [z]
+    changed = np.argwhere(labels != automatic)
+    assert len(changed) > 0 and set(changed[:, 2]) == {z}  # only the box's slice changes
+    inside = np.zeros(labels.shape[:2], dtype=bool)
+    inside[box[0][0] : box[1][0] + 1, box[0][1] : box[1][1] + 1] = True
+    assert not (labels[..., z][~inside] == 1).any()  # on its slice the label lies inside the box
+    assert (labels[..., z][~inside] == 2).sum() == (automatic[..., z][~inside] == 2).sum()  # other labels stay
+    # a box over several slices, with a click: every slice of the box is refined, the click holds
+    labels, info = engine(IMAGE, box=[[0, 0, z - 1], [33, 51, z + 1]], foreground=[[int(xs[0]), int(ys[0]), z]], label=1)
+    assert info["refined_slices"] == [z - 1, z, z + 1] and np.asarray(labels[0])[xs[0], ys[0], z] == 1
+
+
+def test_bad_boxes_are_refused():
+    shape = (34, 52, 35)
+    assert parse_box(None, shape) is None and parse_box([], shape) is None
+    assert parse_box([[1, 2, 3], [4, 5, 3]], shape).shape == (2, 3)
+    for bad, message in (("1,2", "two corners"), ([[1, 2, 3]], "two corners"), ([[1, 2], [3, 4]], "three numbers"),
+                         ([[1, 2, 3], [40, 5, 3]], "outside the image")):  # fmt: skip
+        with pytest.raises(ClickError, match=message):
+            parse_box(bad, shape)
 
 
 def test_second_click_on_a_slice_reuses_the_embeddings(engine):

@@ -1,8 +1,10 @@
-"""Click-driven refinement of the automatic segmentation with SAM prompts, with cached image embeddings.
+"""Click- and box-driven refinement of the automatic segmentation with SAM prompts, with cached image embeddings.
 
 :class:`InteractiveSegmenter` is the engine behind the interactive MONAI Label model; it needs no MONAI Label and
 is tested on its own. The first request on an image runs the automatic segmentation slice by slice and keeps
-every slice's image embedding; a click then runs only SAM's prompt encoder and mask decoder on its slice.
+every slice's image embedding; a click then runs only SAM's prompt encoder and mask decoder on its slice, and a box
+(two opposite corners; one slice or several) re-decodes each of its slices with the box as SAM's box prompt, the
+label kept to the box on those slices.
 
 The cost of a request is linear in its clicks: their number is capped (``max_clicks``), clicks on the same voxel
 count once, each slice's decoder sees at most ``max_prompts`` of them (the latest; SAM's attention over prompt
@@ -33,7 +35,7 @@ from ic_moe_monai.io.guards import ImageError, check_image_file
 from ic_moe_monai.postprocessing import keep_largest_component
 from ic_moe_monai.predictor import BundleSegmenter, load_case
 
-__all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_clicks"]
+__all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_box", "parse_clicks"]
 
 MAX_CLICKS = 256  # clicks per request (foreground and background together)
 MAX_PROMPTS = 32  # clicks of one slice given to SAM's decoder (the latest of each kind)
@@ -74,6 +76,20 @@ def parse_clicks(clicks: Any, shape: Sequence[int], name: str) -> np.ndarray:
             raise ClickError(f"{name}: click {click!r:.80} lies outside the image of shape {tuple(shape)}.")
         parsed.append(values)
     return np.asarray(parsed, dtype=np.float64).reshape(-1, 3)
+
+
+def parse_box(box: Any, shape: Sequence[int], name: str = "box") -> np.ndarray | None:
+    """Validate a box ``[[x0, y0, z0], [x1, y1, z1]]`` (two opposite corners, voxel indices of the image as loaded;
+    ``z0 == z1`` for a box drawn on one slice) → ``(2, 3)`` floats, or ``None`` for no box.
+
+    Raises:
+        ClickError: when it is not two corners of three finite numbers, or a corner lies outside the image.
+    """
+    if box is None or (isinstance(box, Sequence) and not isinstance(box, (str, bytes)) and len(box) == 0):
+        return None
+    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 2:
+        raise ClickError(f"{name} must be two corners [[x0, y0, z0], [x1, y1, z1]], got {box!r:.80}.")
+    return parse_clicks(box, shape, name)
 
 
 def _three_numbers(click: Any) -> list[float] | None:
@@ -142,6 +158,7 @@ class InteractiveSegmenter:
         foreground: Any = None,
         background: Any = None,
         label: int | str | None = None,
+        box: Any = None,
     ) -> tuple[MetaTensor, dict[str, Any]]:
         """Labels ``(1, X, Y, Z)`` (uint8) in the image's own geometry, and facts about the answer.
 
@@ -149,7 +166,10 @@ class InteractiveSegmenter:
             image_path: a NIfTI / NRRD / MHA file.
             foreground: clicks ``[[x, y, z], ...]`` in voxel indices of the image as loaded, on the object.
             background: clicks off the object.
-            label: the label the clicks are about (value or name; default the first label).
+            label: the label the clicks and the box are about (value or name; default the first label).
+            box: two opposite corners ``[[x0, y0, z0], [x1, y1, z1]]`` in voxel indices of the image as loaded,
+                around the label on the slices from ``z0`` to ``z1`` (one slice where they are equal): those slices
+                are decoded with the box as prompt and keep the label inside it only.
         """
         start = time.perf_counter()
         value = self._label_value(label)
@@ -159,7 +179,8 @@ class InteractiveSegmenter:
             cached, hit = self._cached(Path(image_path))
             fg = parse_clicks(foreground, cached.original_shape, "foreground")
             bg = parse_clicks(background, cached.original_shape, "background")
-            labels, slices = self._refine(cached, fg, bg, value)
+            corners = parse_box(box, cached.original_shape)
+            labels, slices = self._refine(cached, fg, bg, value, corners)
             data = dict(cached.data)
             data["pred"] = MetaTensor(
                 labels[None], meta=dict(data["image"].meta), applied_operations=list(data["image"].applied_operations)
@@ -257,18 +278,28 @@ class InteractiveSegmenter:
         raise ClickError(f"label {label!r} is not one of the model's labels {sorted(names)}.")
 
     @torch.inference_mode()
-    def _refine(self, cached: _CachedImage, fg: np.ndarray, bg: np.ndarray, value: int) -> tuple[torch.Tensor, list]:
-        """The automatic labels, re-decoded with the clicks as prompts on each clicked slice near the clicks."""
+    def _refine(
+        self, cached: _CachedImage, fg: np.ndarray, bg: np.ndarray, value: int, box: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, list]:
+        """The automatic labels, re-decoded with the box on its slices, then with the clicks as prompts on each
+        clicked slice near the clicks (with the box too where the slice is one of the box's)."""
         labels = cached.auto.clone()
-        if len(fg) + len(bg) == 0:
+        if len(fg) + len(bg) == 0 and box is None:
             return labels, []
         shape = labels.shape
-        grid = np.linalg.inv(np.asarray(cached.data["image"].affine, dtype=np.float64)) @ cached.original_affine
-        # each click to its voxel in the image's own grid first: -0.5 on an axis the network's grid mirrors would
-        # otherwise round to one past the last index there
-        voxels = np.clip(np.rint(np.concatenate([fg, bg])), 0, np.asarray(cached.original_shape) - 1)
-        points = voxels @ grid[:3, :3].T + grid[:3, 3]  # voxel indices in the preprocessed grid
-        points = np.clip(np.rint(points).astype(np.int64), 0, np.asarray(shape) - 1)
+        box_grid = None if box is None else self._to_grid(cached, box)
+        box_slices = [] if box_grid is None else list(range(int(box_grid[:, 2].min()), int(box_grid[:, 2].max()) + 1))
+        for z in box_slices:
+            footprint = np.zeros(shape[:2], dtype=bool)
+            lo, hi = box_grid[:, :2].min(axis=0), box_grid[:, :2].max(axis=0)
+            footprint[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1] = True
+            prompted = self._prompted(cached, z, np.zeros((0, 2), np.int64), np.zeros(0, bool), box_grid)
+            plane = labels[..., z]
+            plane[plane == value] = 0  # on the box's slices the label lies inside the box
+            plane[torch.from_numpy(footprint) & (prompted == value)] = value
+        if len(fg) + len(bg) == 0:
+            return labels, box_slices
+        points = self._to_grid(cached, np.concatenate([fg, bg]))
         is_fg = np.array([True] * len(fg) + [False] * len(bg))
         radius = self.click_radius or max(5.0, 0.15 * max(shape[0], shape[1]))
         slices = sorted({int(z) for z in points[:, 2]})
@@ -276,7 +307,8 @@ class InteractiveSegmenter:
             on_slice = points[:, 2] == z
             pts, positive = _latest_unique(points[on_slice, :2], is_fg[on_slice])
             prompt_pts, prompt_positive = _latest_of_each(pts, positive, self.max_prompts)
-            prompted = self._prompted(cached, z, prompt_pts, prompt_positive)  # (X, Y) labels
+            with_box = box_grid if z in box_slices else None
+            prompted = self._prompted(cached, z, prompt_pts, prompt_positive, with_box)  # (X, Y) labels
             seeds = np.ones(shape[:2], dtype=bool)
             seeds[pts[:, 0], pts[:, 1]] = False
             near = torch.from_numpy(distance_transform_edt(seeds) <= radius)  # one pass, whatever the clicks
@@ -288,18 +320,41 @@ class InteractiveSegmenter:
             plane[rows, cols] = torch.where(torch.from_numpy(positive), value, torch.where(held == value, 0, held)).to(
                 plane.dtype
             )
-        return labels, slices
+        return labels, sorted(set(slices) | set(box_slices))
 
-    def _prompted(self, cached: _CachedImage, z: int, pts: np.ndarray, positive: np.ndarray) -> torch.Tensor:
-        """Labels of slice ``z`` decoded with the clicks as SAM point prompts (cached embedding, decoder only)."""
+    @staticmethod
+    def _to_grid(cached: _CachedImage, voxels: np.ndarray) -> np.ndarray:
+        """Voxel indices ``(N, 3)`` of the image as loaded → integer indices in the preprocessed grid."""
+        grid = np.linalg.inv(np.asarray(cached.data["image"].affine, dtype=np.float64)) @ cached.original_affine
+        # each point to its voxel in the image's own grid first: -0.5 on an axis the network's grid mirrors would
+        # otherwise round to one past the last index there
+        voxels = np.clip(np.rint(voxels), 0, np.asarray(cached.original_shape) - 1)
+        points = voxels @ grid[:3, :3].T + grid[:3, 3]
+        return np.clip(np.rint(points).astype(np.int64), 0, np.asarray(cached.auto.shape) - 1)
+
+    def _prompted(
+        self, cached: _CachedImage, z: int, pts: np.ndarray, positive: np.ndarray, box: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Labels of slice ``z`` decoded with the clicks as SAM point prompts and the box (two corners in the
+        preprocessed grid) as its box prompt (cached embedding, decoder only)."""
         shape = cached.auto.shape[:2]
         scale = np.array([self.inferer.img_size / shape[1], self.inferer.img_size / shape[0]])
-        xy = (pts[:, ::-1] + 0.5) * scale - 0.5  # SAM points are (x = column, y = row) in input pixels
         device = self.segmenter.device
-        points = torch.as_tensor(xy, dtype=torch.float32, device=device)[None]
-        point_labels = torch.as_tensor(positive.astype(np.int64), device=device)[None]
+        points = point_labels = boxes = None
+        if len(pts):
+            xy = (pts[:, ::-1] + 0.5) * scale - 0.5  # SAM points are (x = column, y = row) in input pixels
+            points = torch.as_tensor(xy, dtype=torch.float32, device=device)[None]
+            point_labels = torch.as_tensor(positive.astype(np.int64), device=device)[None]
+        if box is not None:  # the box's outer edges, as (x0, y0, x1, y1) pixel positions of the network's input
+            lo, hi = box[:, :2].min(axis=0)[::-1], box[:, :2].max(axis=0)[::-1]
+            corners = np.concatenate([lo * scale, (hi + 1) * scale - 1])
+            boxes = torch.as_tensor(corners, dtype=torch.float32, device=device)[None]
         logits = self.network.predict_from_embedding(
-            cached.embeddings[z : z + 1], cached.inputs[z : z + 1], points=points, point_labels=point_labels
+            cached.embeddings[z : z + 1],
+            cached.inputs[z : z + 1],
+            points=points,
+            point_labels=point_labels,
+            boxes=boxes,
         )
         return channel_argmax(self._to_slice(logits, shape))[0, 0].cpu()
 

@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 class InteractiveInferTask(InferTask):
-    """The automatic IC-MoE mask, refined by MONAI Label's ``foreground`` / ``background`` clicks.
+    """The automatic IC-MoE mask, refined by MONAI Label's ``foreground`` / ``background`` clicks and a box.
 
     Request keys: ``image`` (a file path, resolved by the app from the image id), ``foreground`` and ``background``
-    (lists of ``[x, y, z]`` voxel indices of the image as stored), optional ``label`` (name or value the clicks
-    refine; default the first label). Answers a NIfTI labelmap in the image's geometry.
+    (lists of ``[x, y, z]`` voxel indices of the image as stored), optional ``box`` (two opposite corners
+    ``[[x0, y0, z0], [x1, y1, z1]]`` around the label, on one slice or several) and ``label`` (name or value the
+    clicks and the box refine; default the first label). Answers a NIfTI labelmap in the image's geometry.
 
     Args:
         bundle: the bundle folder.
@@ -55,7 +56,7 @@ class InteractiveInferTask(InferTask):
             type=InferType.DEEPGROW,
             labels=names,
             dimension=3,
-            description="IC-MoE automatic segmentation refined by clicks (SAM point prompts on the clicked slices)",
+            description="IC-MoE automatic segmentation refined by clicks and a box (SAM prompts on their slices)",
             config={"label": list(names)},
         )
 
@@ -64,7 +65,8 @@ class InteractiveInferTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         labels, info = self.segmenter(
-            request["image"], request.get("foreground"), request.get("background"), request.get("label")
+            request["image"], request.get("foreground"), request.get("background"), request.get("label"),
+            request.get("box"),
         )
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
             path = f.name
