@@ -40,7 +40,7 @@ class TrunkCacheLoader:
             ``batch_size``, ``epoch_generator(epoch)``, ``len()``.
         network: the :class:`~ic_moe_monai.networks.ICMoE` being trained (DistributedDataParallel is unwrapped);
             its ``trunk_end`` must be above 0 (a frozen encoder with IC-MoE layers after its first block).
-        bank_size: slices in the bank; default two epochs' worth.
+        bank_size: slices in the bank, at most (and by default) two epochs' worth.
         refresh: share of the bank replaced each epoch after the first (0 keeps the first bank, 1 renews it all).
         storage_dtype: dtype the tokens are kept in (float16 halves the memory; the network computes in its own).
         amp, amp_dtype: autocast for the trunk on CUDA (see :mod:`ic_moe_monai.amp`).
@@ -67,7 +67,8 @@ class TrunkCacheLoader:
             )
         if not 0.0 <= float(refresh) <= 1.0:
             raise ConfigError(f"trunk cache: refresh must lie in [0, 1], got {refresh}.")
-        self.bank_size = int(bank_size) if bank_size else 2 * len(loader) * loader.batch_size
+        two_epochs = 2 * len(loader) * loader.batch_size  # more than two epochs draw would be filled for nothing
+        self.bank_size = min(int(bank_size), two_epochs) if bank_size else two_epochs
         if self.bank_size < loader.batch_size:
             raise ConfigError(f"trunk cache: bank_size {self.bank_size} is below a batch ({loader.batch_size}).")
         self.refresh = float(refresh)
