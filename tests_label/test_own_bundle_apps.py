@@ -27,7 +27,7 @@ def organ_bundle(tmp_path_factory) -> Path:
     """A bundle for liver, spleen and kidney, with weights as its training would write them (random here)."""
     tmp = tmp_path_factory.mktemp("own")
     data = make_ct_task(tmp / "AbdomenPhantom", count=5)
-    bundle = init_bundle(data, tmp / "organs", from_bundle="none").bundle
+    bundle = init_bundle(data, tmp / "organs", profile="lite", from_bundle="none").bundle  # the network below
     info = checkpoint_info({0: "background", **{v: k for k, v in ORGANS.items()}}, "ct", "abdomen", img_size=64)
     network = ICMoE(num_classes=3, img_size=64, encoder="lite")
     torch.save(StampedWeights(network, info).state_dict(), bundle / "models" / "model.pt")
