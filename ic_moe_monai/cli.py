@@ -1,7 +1,7 @@
 """Command line of the package (``python -m ic_moe_monai COMMAND --help`` lists each command's options):
 
 - ``segment INPUT OUTPUT [options]``: segment folders of studies with a bundle;
-- ``init_bundle DATASET_DIR OUT_BUNDLE [--profile medsam_lite] [--from BUNDLE|none] [--label_names ...] [--modality ...]
+- ``init_bundle DATASET_DIR OUT_BUNDLE [--profile lite] [--from BUNDLE|none] [--label_names ...] [--modality ...]
   [--ct_window ...]``: a bundle of its own for a dataset (:mod:`ic_moe_monai.init_bundle`);
 - ``export_bundle BUNDLE OUT [--metrics FILE] [--weights_url URL]``: a copy that runs with MONAI only
   (:mod:`ic_moe_monai.export_bundle`).

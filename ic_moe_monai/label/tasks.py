@@ -65,7 +65,10 @@ class InteractiveInferTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         labels, info = self.segmenter(
-            request["image"], request.get("foreground"), request.get("background"), request.get("label"),
+            request["image"],
+            request.get("foreground"),
+            request.get("background"),
+            request.get("label"),
             request.get("box"),
         )
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
