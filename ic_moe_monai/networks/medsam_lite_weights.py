@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.networks.sam_weights import LoadReport, SamCheckpointError, fit_tensor, source_key
+from ic_moe_monai.networks.sam_weights import LoadReport, SamCheckpointError, fit_tensor, key_mismatch, source_key
 
 __all__ = [
     "LITE_MEDSAM_BYTES",
@@ -175,9 +175,4 @@ def _check_keys(path: Path, state: Mapping[str, torch.Tensor], parts: Mapping[st
     given = {k for k in state if fixed(k)}
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
-        found = []
-        if missing:
-            found.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            found.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-        raise LiteMedSAMWeightsError(f"LiteMedSAM weights {path}: {'; '.join(found)}.")
+        raise LiteMedSAMWeightsError(f"LiteMedSAM weights {path}: {key_mismatch(missing, unexpected)}.")

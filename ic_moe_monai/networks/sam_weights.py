@@ -10,7 +10,7 @@ SAM's 14, of windowed blocks), which are interpolated, and the decoder's per-mas
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,7 @@ __all__ = [
     "build_prompt_encoder",
     "detect_sam_variant",
     "fit_tensor",
+    "key_mismatch",
     "load_sam_checkpoint",
     "read_sam_state_dict",
     "source_key",
@@ -286,12 +287,17 @@ def _check_keys(path: str | Path, state: Mapping[str, torch.Tensor], parts: Mapp
     if not any(k.startswith("mask_decoder.output_hypernetworks_mlps.0.") for k in state):
         missing.append("mask_decoder.output_hypernetworks_mlps.0.*")
     if missing or unexpected:
-        parts_msg = []
-        if missing:
-            parts_msg.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts_msg.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-        raise SamCheckpointError(f"SAM checkpoint {path}: {'; '.join(parts_msg)}.")
+        raise SamCheckpointError(f"SAM checkpoint {path}: {key_mismatch(missing, unexpected)}.")
+
+
+def key_mismatch(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """``"N missing key(s), e.g. …; M unexpected key(s), e.g. …"`` for a checkpoint that does not fit."""
+    found = []
+    if missing:
+        found.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+    return "; ".join(found)
 
 
 def source_key(key: str, state: Mapping[str, torch.Tensor]) -> str:
