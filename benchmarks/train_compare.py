@@ -6,8 +6,8 @@ validation fold with the bundle's evaluation command, and report them side by si
 
 Every number comes from the commands' own outputs: training time is the wall time of ``run training``,
 accuracy is ``metrics_summary.json`` of ``run evaluating`` (MONAI convention, HD95 in mm). ``--ship`` copies the
-``lite`` run's best checkpoint to ``bundle/models/model.pt``. ``--set key=value`` passes overrides to the training
-command (e.g. ``click_prob=0`` trains without click prompts); ``--name`` files a single profile's result under
+run's best checkpoint (one profile only) to ``bundle/models/model.pt``. ``--set key=value`` passes overrides to the
+training command (e.g. ``click_prob=0`` trains without click prompts); ``--name`` files a single profile's result under
 another name. Results go to ``benchmarks/results/train_compare.json``;
 profiles run at another time are merged into it, each with the date and machine it ran on.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -56,14 +57,14 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--work", default="runs/compare")
     parser.add_argument("--out", default="benchmarks/results/train_compare.json")
-    parser.add_argument("--ship", action="store_true", help="copy the lite model to bundle/models/model.pt")
+    parser.add_argument("--ship", action="store_true", help="copy the trained model to bundle/models/model.pt")
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides of the training config")
     parser.add_argument("--name", default=None, help="the result's name (one profile only; default the profile)")
     args = parser.parse_args()
     epochs = dict(item.split("=") for item in args.epochs)
     overrides = [part for item in args.set for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
-    if args.name and len(args.profiles) != 1:
-        parser.error("--name needs exactly one profile")
+    if (args.name or args.ship) and len(args.profiles) != 1:
+        parser.error("--name and --ship need exactly one profile")
 
     results = {}
     for profile in args.profiles:
@@ -84,7 +85,7 @@ def main() -> None:
             run / "eval.log",
         )  # fmt: skip
         summary = json.loads((run / "eval" / "metrics_summary.json").read_text())
-        epochs_done = (run / "train.log").read_text().count("Key metric: val_mean_dice best value")
+        epochs_done = len(re.findall(r"Epoch\[\d+\] Complete", (run / "train.log").read_text()))
         results[name] = {
             "profile": profile,
             "overrides": args.set,
@@ -110,7 +111,7 @@ def main() -> None:
             "machine": machine_info(),
         }
         print(name, json.dumps(results[name]), flush=True)
-        if args.ship and profile == "lite":
+        if args.ship:
             shutil.copy(run / "models" / "model.pt", REPO / "bundle" / "models" / "model.pt")
 
     out = Path(args.out)
