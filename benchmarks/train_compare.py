@@ -48,6 +48,14 @@ def config_list(*names: str) -> str:
     return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
 
 
+def trained_epochs(log: str) -> int:
+    """Epochs the trainer completed, from the run's log (the evaluator's epochs are validations, not counted)."""
+    finished = re.findall(r"training finished after epoch (\d+)", log)
+    if finished:
+        return int(finished[-1])
+    return len(re.findall(r"Trainer - INFO - Epoch\[\d+\] Complete", log))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_dir", required=True)
@@ -85,7 +93,7 @@ def main() -> None:
             run / "eval.log",
         )  # fmt: skip
         summary = json.loads((run / "eval" / "metrics_summary.json").read_text())
-        epochs_done = len(re.findall(r"Epoch\[\d+\] Complete", (run / "train.log").read_text()))
+        epochs_done = trained_epochs((run / "train.log").read_text())
         results[name] = {
             "profile": profile,
             "overrides": args.set,
