@@ -189,6 +189,22 @@ def test_cached_trunk_gives_the_same_forward():
         medsam_lite(freeze_encoder=False).trunk(torch.rand(1, 3, 64, 64))
 
 
+def test_decoder_only_network_trains_on_dice_ce_alone():
+    """``moe_blocks=[]`` (the ablation without experts): train mode returns logits, and only Dice + CE apply."""
+    from ic_moe_monai.losses import ICMoELoss
+
+    model = medsam_lite(moe_blocks=[]).train()
+    assert len(model.moe_layers) == 0
+    x, target = torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
+    logits = model(x, trunk=model.trunk(model.preprocess(x)))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3, 64, 64)
+    loss = ICMoELoss(num_classes=2)
+    loss(logits, target).backward()
+    assert loss.term_names == ("dice_ce", "total")
+    assert model.mask_decoder.output_upscaling[0].weight.grad is not None
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+
+
 def corrupt_copy(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)

@@ -266,6 +266,7 @@ class ICMoE(nn.Module):
         moe_blocks: indices of encoder blocks followed by an IC-MoE layer; default the second half (``vit_*``,
             ``lite``) or the last block (``medsam_lite``: block 9 of its 10 attention blocks; 0-1 are stage 1,
             2-7 stage 2, 8-9 stage 3). A layer after the last block of a stage acts before the stage's patch merging.
+            ``[]`` builds none: the pretrained decoder alone on the frozen encoder (an ablation).
         expert_dim: bottleneck width of the experts.
         num_basic_experts, num_semantic_experts: experts of each family per layer.
         adaptive_dilations: one adaptive expert per dilation, per layer.
@@ -636,9 +637,10 @@ class ICMoE(nn.Module):
                 block :attr:`trunk_end`.
 
         Returns:
-            eval mode: logits ``(B, K+1, H, W)``. Train mode: a dict with ``logits`` and, stacked over the L
-            IC-MoE layers, ``expert_logits`` ``(B, L, h, w, E, K+1)``, ``router_logits`` and ``router_weights``
-            ``(B, L, h, w, E)``, plus ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
+            eval mode, or a network without IC-MoE layers (``moe_blocks=[]``): logits ``(B, K+1, H, W)``.
+            Train mode: a dict with ``logits`` and, stacked over the L IC-MoE layers, ``expert_logits``
+            ``(B, L, h, w, E, K+1)``, ``router_logits`` and ``router_weights`` ``(B, L, h, w, E)``, plus
+            ``embeddings`` ``(B, h, w, embedding_dim)`` for the contrastive loss.
         """
         self._check_input(x)
         image = self.preprocess(x)
@@ -649,6 +651,8 @@ class ICMoE(nn.Module):
         embedding = self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
         logits = self.predict_from_embedding(embedding, image, points, point_labels, boxes)
         if not self.training:
+            return logits
+        if not aux:  # no IC-MoE layer (the decoder-only ablation): nothing for the expert losses
             return logits
         out = {"logits": logits, "embeddings": self.projection_head(tokens)}
         for key in ("expert_logits", "router_logits", "router_weights"):
