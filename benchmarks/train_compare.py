@@ -7,7 +7,8 @@ validation fold with the bundle's evaluation command, and report them side by si
 Every number comes from the commands' own outputs: training time is the wall time of ``run training``,
 accuracy is ``metrics_summary.json`` of ``run evaluating`` (MONAI convention, HD95 in mm). ``--ship`` copies the
 run's best checkpoint (one profile only) to ``bundle/models/model.pt``. ``--set key=value`` passes overrides to the
-training command (e.g. ``click_prob=0`` trains without click prompts); ``--name`` files a single profile's result under
+training and evaluation commands (e.g. ``click_prob=0`` trains without click prompts, ``network_def#moe_blocks=[]``
+builds the network without experts); ``--name`` files a single profile's result under
 another name. Results go to ``benchmarks/results/train_compare.json``;
 profiles run at another time are merged into it, each with the date and machine it ran on.
 """
@@ -89,7 +90,8 @@ def main() -> None:
         )  # fmt: skip
         eval_s = bundle_run(
             ["evaluating", "--config_file", config_list("train.json", f"{profile}.json", "evaluate.json"), *common,
-             "--ckpt_path", str(run / "models" / "model.pt"), "--output_dir", str(run / "eval")],
+             "--ckpt_path", str(run / "models" / "model.pt"), "--output_dir", str(run / "eval"),
+             "--quality_calibration", str(run / "models" / "quality.json"), *overrides],
             run / "eval.log",
         )  # fmt: skip
         summary = json.loads((run / "eval" / "metrics_summary.json").read_text())

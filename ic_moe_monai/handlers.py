@@ -20,11 +20,13 @@ from ic_moe_monai.checkpoints import load_pretrained_weights
 from ic_moe_monai.data import case_name
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.evaluation import case_metrics, write_reports
+from ic_moe_monai.quality import cross_validated_report, geometry_signals, label_dice, write_quality_report
 
 __all__ = [
     "CaseMetricsWriter",
     "LossTermsAverager",
     "MLflowRunSettings",
+    "QualityCalibrationWriter",
     "TrainingClock",
     "TrainingSummary",
     "TrainingTimeLimit",
@@ -414,3 +416,81 @@ def _label_map(value: Any) -> np.ndarray:
     array = torch.as_tensor(value).detach().cpu()
     array = array.argmax(dim=0) if array.shape[0] > 1 else array[0]  # one-hot / probabilities, or a label map
     return array.numpy().astype(np.int64)
+
+
+class QualityCalibrationWriter:
+    """Fit the bundle's quality score on an evaluation run's cases and say how well it predicts their Dice.
+
+    After each case it takes the quality signals the inferer collected (``SliceContextInferer(quality=True)``) and
+    the case's true Dice per label; when the run ends it writes ``quality_vs_dice.csv`` and
+    ``quality_summary.json`` (leave-one-out scores against true Dice, see
+    :func:`~ic_moe_monai.quality.cross_validated_report`) to ``output_dir``, and the calibration fitted on all
+    cases to ``calibration_path`` (the bundle's ``models/quality.json``, which ``segment`` and MONAI Label read).
+
+    Args:
+        inferer: the evaluator's inferer (its ``last_signals``).
+        output_dir: where the reports go.
+        class_names: ``{class_id: name}`` of the foreground classes.
+        calibration_path: where the calibration goes; ``None`` writes none.
+        slice_axis: the inferer's slice axis.
+    """
+
+    def __init__(
+        self,
+        inferer: Any,
+        output_dir: str | Path,
+        class_names: Mapping[int | str, str],
+        calibration_path: str | Path | None = None,
+        slice_axis: int = 2,
+    ) -> None:
+        if not getattr(inferer, "quality", False):
+            raise ConfigError("QualityCalibrationWriter needs an inferer that collects quality signals (quality=true).")
+        self.inferer = inferer
+        self.output_dir = Path(output_dir)
+        self.class_names = {int(k): v for k, v in class_names.items() if int(k) != 0}
+        self.calibration_path = Path(calibration_path) if calibration_path else None
+        self.slice_axis = slice_axis
+        self.cases: list[tuple[str, dict[str, Any], dict[str, float]]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        if len(items) != len(self.inferer.last_signals):
+            raise ConfigError("quality signals need the evaluator's inferer (one set of signals per case).")
+        for item, signals in zip(items, self.inferer.last_signals, strict=True):
+            image = item["image"]
+            meta = getattr(item["label"], "meta", {})
+            affine = getattr(image, "affine", np.eye(4))
+            signals = geometry_signals(signals, affine, image.shape[1:], self.slice_axis)
+            dice = label_dice(_label_map(item["pred"]), _label_map(item["label"]), self.class_names)
+            name = case_name(str(meta.get("filename_or_obj", f"case_{len(self.cases)}")))
+            self.cases.append((name, signals, dice))
+
+    def _write(self, engine: Engine) -> None:
+        cases = self.cases
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, cases)
+            if dist.get_rank() != 0:
+                return
+            cases = [c for part in gathered for c in part]
+        if not cases:
+            return
+        cases = sorted(cases, key=lambda c: c[0])
+        names, signals, dice = (list(v) for v in zip(*cases, strict=True))
+        calibration, rows, summary = cross_validated_report(self.class_names, names, signals, dice)
+        write_quality_report(self.output_dir, rows, summary)
+        signals_file = self.output_dir / "quality_signals.json"  # what the fit saw, to study or refit it
+        signals_file.write_text(json.dumps([{"case": c, "dice": d, "signals": s} for c, s, d in cases]) + "\n")
+        if self.calibration_path is not None:
+            self.calibration_path.parent.mkdir(parents=True, exist_ok=True)
+            calibration.save(self.calibration_path)
+        logger.info(
+            "quality score on %d case(s): Spearman %.3f with the true Dice, mean error %.3f (leave-one-out); "
+            "calibration written to %s", summary["cases"], summary["spearman"], summary["mae"],
+            self.calibration_path or "nowhere",
+        )  # fmt: skip

@@ -13,6 +13,7 @@ from monai.inferers import Inferer, sliding_window_inference
 from ic_moe_monai.amp import autocast, resolve_amp_dtype
 from ic_moe_monai.errors import config_flag
 from ic_moe_monai.networks.ensemble import average_predictions, mirror_flips
+from ic_moe_monai.quality import QualitySignals
 
 __all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
 
@@ -65,6 +66,9 @@ class SliceContextInferer(Inferer):
         mirror_axes: test-time augmentation: in-plane axes (0, 1) of each slice to mirror; the softmax of every
             mirrored copy is flipped back and averaged (nnU-Net's mirroring), and the output is the log of the
             average. Empty: the network's own logits.
+        quality: collect each volume's quality signals while segmenting it (one softmax per slice batch, see
+            :class:`~ic_moe_monai.quality.QualitySignals`); a call leaves them in :attr:`last_signals`, one dict per
+            volume.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class SliceContextInferer(Inferer):
         argmax: bool = False,
         chunk_bytes: int = 2**28,
         mirror_axes: Sequence[int] = (),
+        quality: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("resize", "sliding_window"):
@@ -106,6 +111,8 @@ class SliceContextInferer(Inferer):
         self.argmax = argmax
         self.chunk_bytes = chunk_bytes
         self.flips = mirror_flips(mirror_axes)
+        self.quality = config_flag(quality, "quality")
+        self.last_signals: list[dict] = []
 
     def __call__(
         self,
@@ -135,6 +142,7 @@ class SliceContextInferer(Inferer):
         volumes = volumes.movedim(2 + self.slice_axis, -1)  # slices last (a view)
         report = progress if progress is not None else self.progress
         run = _Run(network, args, kwargs, sw_device, device, report, self.flips if mirror else [()])
+        self.last_signals = []
         outputs = [self._volume(v[0], run) for v in volumes]
         output = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs, dim=0)  # no copy for one volume
         return output.movedim(-1, 2 + self.slice_axis)
@@ -142,7 +150,9 @@ class SliceContextInferer(Inferer):
     def _volume(self, volume: torch.Tensor, run: _Run) -> torch.Tensor:
         depth = volume.shape[-1]
         result: torch.Tensor | None = None
+        run.signals = QualitySignals() if self.quality else None
         for start in range(0, depth, self.batch_size):
+            run.first_slice = start
             indices = torch.arange(start, min(start + self.batch_size, depth), device=volume.device)
             stack = neighbor_stack(volume, indices, self.context).to(run.sw_device, non_blocking=True)
             out = self._predict(stack.float(), run)  # (b, K+1, X, Y) float32 logits, or (b, 1, X, Y) uint8 labels
@@ -152,6 +162,8 @@ class SliceContextInferer(Inferer):
             result[..., start : start + len(indices)] = out.permute(1, 2, 3, 0)
             if run.progress is not None:
                 run.progress(start + len(indices), depth)
+        if run.signals is not None:
+            self.last_signals.append(run.signals.result())
         return result
 
     def _predict(self, stack: torch.Tensor, run: _Run) -> torch.Tensor:
@@ -167,11 +179,13 @@ class SliceContextInferer(Inferer):
                     overlap=self.overlap,
                     mode="gaussian",
                 )
+                run.record(stack, logits, tuple(stack.shape[-2:]))
                 return channel_argmax(logits) if self.argmax else logits.float()
             native = tuple(stack.shape[-2:])
             if native != size:
                 stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
             logits = run.predict(stack)
+            run.record(stack, logits, native)
         if native == size:
             return channel_argmax(logits) if self.argmax else logits.float()
         if not self.argmax:
@@ -189,6 +203,13 @@ class _Run:
                  progress: Progress | None, flips: list[tuple[int, ...]]) -> None:  # fmt: skip
         self.network, self.args, self.kwargs, self.progress = network, args, kwargs, progress
         self.sw_device, self.device, self.flips = sw_device, device, flips
+        self.signals: QualitySignals | None = None
+        self.first_slice = 0
+
+    def record(self, stack: torch.Tensor, logits: torch.Tensor, native: tuple[int, ...]) -> None:
+        """Add a batch to the volume's quality signals, when they are collected."""
+        if self.signals is not None:
+            self.signals.add(stack, logits, native, self.first_slice)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits for a slice batch, or the log of its mirror-averaged probabilities."""

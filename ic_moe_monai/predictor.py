@@ -34,6 +34,7 @@ from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
 from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
 from ic_moe_monai.postprocessing import keep_largest_component
+from ic_moe_monai.quality import CaseQuality, QualityCalibration, geometry_signals
 
 __all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",
            "read_metadata"]  # fmt: skip
@@ -64,6 +65,11 @@ class BundleSegmenter:
         amp_dtype: ``"auto"``, ``"bfloat16"`` or ``"float16"`` (default: the bundle's ``amp_dtype``).
         options: config values set before anything is built, e.g. ``{"tta_mirror": False}`` (the inference-time
             options ``tta_mirror``, ``keep_largest_component`` and ``ensemble_ckpts`` of ``inference.json``).
+        qc_threshold: flag a case whose estimated Dice is below it (default: the calibration's).
+
+    Each :meth:`predict` leaves the case's :class:`~ic_moe_monai.quality.CaseQuality` in :attr:`last_quality`
+    (and its signals in :attr:`last_signals`) when the bundle has a quality calibration (``quality_calibration``,
+    by default ``models/quality.json``, written by ``run evaluating``); else both are ``None``.
 
     Raises:
         BundleError: the bundle or a config is missing or cannot be read, a part cannot be built (e.g. the network
@@ -79,6 +85,7 @@ class BundleSegmenter:
         amp: bool | None = None,
         amp_dtype: str | None = None,
         options: Mapping[str, Any] | None = None,
+        qc_threshold: float | None = None,
     ) -> None:
         bundle = Path(bundle)
         self.bundle = bundle
@@ -121,6 +128,12 @@ class BundleSegmenter:
         self.inferer = _parsed(bundle, parser, "inferer")
         self.batch_size: int | None = getattr(self.inferer, "batch_size", None)
         self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+        self.quality = _quality_calibration(bundle, parser)
+        if self.quality is not None and isinstance(self.inferer, SliceContextInferer):
+            self.inferer.quality = True
+        self.qc_threshold = qc_threshold
+        self.last_quality: CaseQuality | None = None
+        self.last_signals: dict[str, Any] | None = None
 
     def load_weights(self) -> None:
         """(Re)load the checkpoint into the network, e.g. after a training run replaced it.
@@ -164,6 +177,7 @@ class BundleSegmenter:
             progress: called with ``(slices done, slices)`` after each batch of slices.
         """
         image = data["image"]
+        self.last_quality = self.last_signals = None
         with torch.inference_mode():
             inputs = image[None].to(self.device)  # a no-op when the preprocessing put it there already
             if isinstance(self.inferer, SliceContextInferer):
@@ -175,11 +189,36 @@ class BundleSegmenter:
             pred = MetaTensor(labels.to(torch.uint8), meta=dict(image.meta),
                               applied_operations=list(image.applied_operations))  # fmt: skip
             inverted = self.inverter({**data, "pred": pred})["pred"].cpu()  # the only transfer back: uint8 labels
+        self.assess_last(image)
         return keep_largest_component(inverted) if self.keep_largest_component else inverted
+
+    def assess_last(self, image: MetaTensor) -> CaseQuality | None:
+        """The quality of the inferer's last volume, ``image`` (preprocessed), into :attr:`last_quality` and
+        :attr:`last_signals`; None without a calibration."""
+        signals = getattr(self.inferer, "last_signals", None) if self.quality is not None else None
+        if not signals:
+            self.last_quality = self.last_signals = None
+            return None
+        self.last_signals = geometry_signals(signals[0], image.affine, image.shape[1:], self.inferer.slice_axis)
+        self.last_quality = self.quality.assess(self.last_signals, self.qc_threshold)
+        return self.last_quality
 
     def __call__(self, image: MetaTensor, progress: Progress | None = None) -> MetaTensor:
         """Labels ``(1, X, Y, Z)`` of a loaded image: :meth:`preprocess`, then :meth:`predict`."""
         return self.predict(self.preprocess(image), progress)
+
+
+def _quality_calibration(bundle: Path, parser: ConfigParser) -> QualityCalibration | None:
+    """The bundle's quality calibration; None when it names none or the file is not there (not calibrated yet)."""
+    if "quality_calibration" not in parser:
+        return None
+    path = _parsed(bundle, parser, "quality_calibration")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return QualityCalibration.load(path)
+    except ValueError as err:
+        raise BundleError(f"bundle {bundle}: {err}") from err
 
 
 def read_metadata(bundle: str | Path) -> dict[str, Any]:

@@ -25,7 +25,9 @@ What protects the data:
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -94,6 +96,7 @@ SKIPPED_EXISTS = "skipped (exists)"
 SKIPPED_BUSY = "skipped (another run is writing it)"
 SKIPPED_NOTHING = "skipped (nothing to write)"  # e.g. only a DICOM SEG asked for, of a NIfTI input
 CASE_LOCK = ".case~{}.lock"  # hidden, so discovery never takes it for an input
+RUN_FILES = (("report", ".json"), ("statistics", ".csv"), ("quality", ".csv"))
 REPORT_LOCK = ".{}.lock"  # of the report's name: held by the run that writes it
 
 
@@ -113,6 +116,7 @@ class CaseResult:
     slices: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, Any] | None = None  # CaseQuality.as_dict(): score, labels, flagged, reasons
 
 
 @dataclass
@@ -157,6 +161,7 @@ def segment(
     push: bool = False,
     tta: bool | None = None,
     keep_largest_component: bool | None = None,
+    qc_threshold: float | None = None,
     quiet: bool = False,
 ) -> SegmentReport:
     """Segment every case under INPUT (NIfTI / NRRD / MHA files, DICOM series, or a tree mixing them; or the series
@@ -200,6 +205,10 @@ def segment(
             averaged.
         keep_largest_component: keep only the largest connected component of each label, on or off (default: the
             bundle's ``keep_largest_component``).
+        qc_threshold: flag a case for review when its quality score (the estimated Dice, 0 … 1) is below this
+            (default: the bundle's calibration, ``models/quality.json``). Each case's ``quality`` in the report
+            holds its score, per-label scores, ``flagged`` and the reasons; ``quality.csv`` lists the cases worst
+            first. A bundle without a calibration writes no scores.
         quiet: no progress bars; log warnings only.
 
     Raises:
@@ -223,6 +232,7 @@ def segment(
     num_workers = _integer("num_workers", num_workers, 0)
     max_bytes = _size_limit(max_image_size)
     push = _flag("push", push)
+    threshold = None if qc_threshold is None else _fraction("qc_threshold", qc_threshold)
     switches = {
         "tta_mirror": ("tta", tta),
         "keep_largest_component": ("keep_largest_component", keep_largest_component),
@@ -256,7 +266,7 @@ def segment(
         return _segment_cases(input, bundle, configs, torch_device, wanted, statistics, preview, overwrite,
                               batch_size, num_workers, num_parts, part_id, max_bytes, quiet, out_dir, all_cases,
                               skipped, shown, remote[1] if push and remote else None, started,
-                              split=remote is None, options=options)  # fmt: skip
+                              split=remote is None, options=options, qc_threshold=threshold)  # fmt: skip
 
 
 def _segment_cases(
@@ -282,11 +292,12 @@ def _segment_cases(
     started: float,
     split: bool = True,
     options: dict[str, bool] | None = None,
+    qc_threshold: float | None = None,
 ) -> SegmentReport:
     """The run on the cases found (of all parts when ``split``, else of this part only): refuse outputs that would
     replace inputs, plan, segment, write the report."""
     suffix = f"_part{part_id}" if num_parts > 1 else ""
-    run_files = [out_dir / f"report{suffix}.json", out_dir / f"statistics{suffix}.csv"]
+    run_files = [out_dir / f"{name}{suffix}{ext}" for name, ext in RUN_FILES]
     _refuse_replacing_inputs(all_cases, _all_outputs(out_dir, all_cases, wanted, statistics, preview, run_files,
                                                      push is not None))  # fmt: skip
 
@@ -294,7 +305,7 @@ def _segment_cases(
     settings = {"bundle": bundle_name, "config": configs, "formats": wanted, "statistics": statistics,
                 "preview": preview, "overwrite": overwrite, "batch_size": batch_size, "num_workers": num_workers,
                 "num_parts": num_parts, "part_id": part_id, "max_image_size": max_bytes,
-                "push": push is not None, **(options or {})}  # fmt: skip
+                "push": push is not None, "qc_threshold": qc_threshold, **(options or {})}  # fmt: skip
     report = SegmentReport(input=str(input), output=str(out_dir), settings=settings, versions=_versions(),
                            device=_device_name(torch_device), run_id=run_id())  # fmt: skip
 
@@ -315,6 +326,13 @@ def _segment_cases(
                 segmenter = bundle
             else:
                 segmenter = BundleSegmenter(bundle, configs, torch_device, batch_size, options=options)
+            if qc_threshold is not None:
+                segmenter.qc_threshold = qc_threshold
+            if segmenter.quality is None:
+                logger.warning("the bundle has no quality calibration (models/quality.json): no quality scores; "
+                               "`run evaluating` writes one")  # fmt: skip
+            else:
+                settings["qc_threshold"] = segmenter.quality.qc_threshold if qc_threshold is None else qc_threshold
             settings["batch_size"] = segmenter.batch_size
             settings["tta_mirror"] = len(getattr(segmenter.inferer, "flips", [()])) > 1
             settings["keep_largest_component"] = segmenter.keep_largest_component
@@ -325,6 +343,11 @@ def _segment_cases(
     logger.info("%d segmented, %d already done, %d written by another run, %d failed, %d inputs not segmented "
                 "(%.1f s)", counts["done"], counts[SKIPPED_EXISTS], counts[SKIPPED_BUSY], counts["failed"],
                 len(report.not_segmented), report.seconds)  # fmt: skip
+    scored = [c for c in report.cases if c.quality is not None]
+    if scored:
+        flagged = sum(c.quality["flagged"] for c in scored)
+        logger.log(logging.WARNING if flagged else logging.INFO, "%d of %d case(s) flagged for review (%s)",
+                   flagged, len(scored), run_files[2].name)  # fmt: skip
     return report
 
 
@@ -408,6 +431,8 @@ def _run_cases(job: _Job, todo: list[tuple[Case, CaseResult]], num_workers: int,
                 start = time.monotonic()
                 labels = job.segmenter.predict(data, progress=None if quiet else on_batch)
                 result.seconds["inference"] = round(time.monotonic() - start, 3)
+                quality = job.segmenter.last_quality
+                result.quality = None if quality is None else quality.as_dict()
                 del data
                 needs_image = "statistics_json" in result.outputs or "preview" in result.outputs
                 writer.submit(_finish_case, case, result, image if needs_image else None, labels, job.segmenter,
@@ -711,8 +736,15 @@ def _write_run_files(report: SegmentReport, run_files: list[Path], statistics: b
     """The report (``report.json``, ``report_part<K>.json`` for one of several parts, with the run id when another
     run holds that name) and, with statistics, ``statistics.csv`` likewise. What cannot be written is a run error:
     said on stderr, and exit code 1."""
-    report_path, statistics_path = run_files
+    report_path, statistics_path, quality_path = run_files
     report.seconds = round(seconds, 3)
+    scored = [c for c in report.cases if c.quality is not None and c.status != "failed"]
+    if scored:
+        try:
+            with atomic_output(quality_path) as tmp:
+                tmp.write_text(_quality_csv(scored))
+        except OSError as err:
+            _run_error(report, f"cannot write {quality_path}: {_os_reason(err)}")
     if statistics:
         try:
             with atomic_output(statistics_path) as tmp:
@@ -724,6 +756,19 @@ def _write_run_files(report: SegmentReport, run_files: list[Path], statistics: b
             tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
     except OSError as err:
         _run_error(report, f"cannot write the report {report_path}: {_os_reason(err)}")
+
+
+def _quality_csv(cases: list[CaseResult]) -> str:
+    """One row per scored case, flagged ones first, then by score (worst first)."""
+    names = list(cases[0].quality["labels"])
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["case", "score", *(f"{n}_score" for n in names), "flagged", "reasons"])
+    for case in sorted(cases, key=lambda c: (not c.quality["flagged"], c.quality["score"], c.name)):
+        q = case.quality
+        writer.writerow([case.name, q["score"], *(q["labels"].get(n, "") for n in names), q["flagged"],
+                         "; ".join(q["reasons"])])  # fmt: skip
+    return out.getvalue()
 
 
 def _statistics_rows(report: SegmentReport) -> list[tuple[str, dict]]:
@@ -1031,6 +1076,17 @@ def _integer(name: str, value: object, minimum: int) -> int:
 
 
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _fraction(name: str, value: object) -> float:
+    """``value`` as a number in [0, 1]."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise UsageError(f"{name} must be a number from 0 to 1, got {value!r}.")
+    return number
 
 
 def _flag(name: str, value: object) -> bool:

@@ -53,6 +53,7 @@ class _CachedImage:
     inputs: torch.Tensor  # (Z, C, S, S) preprocessed network inputs, for the detail branch
     embeddings: torch.Tensor  # (Z, D, h, w) image embeddings
     auto: torch.Tensor  # (X, Y, Z) uint8 automatic labels in the preprocessed grid
+    quality: dict[str, Any] | None = None  # the automatic answer's CaseQuality.as_dict() (a calibrated bundle)
 
 
 def parse_clicks(clicks: Any, shape: Sequence[int], name: str) -> np.ndarray:
@@ -187,7 +188,7 @@ class InteractiveSegmenter:
             )
             result = self._keep_largest(self.segmenter.inverter(data)["pred"], value if slices else None)
         info = {"label_names": {name: v for v, name in self.label_names.items()}, "label": value,
-                "refined_slices": slices, "embedding_cache": "hit" if hit else "miss",
+                "refined_slices": slices, "embedding_cache": "hit" if hit else "miss", "quality": cached.quality,
                 "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
         return result, info
 
@@ -254,9 +255,11 @@ class InteractiveSegmenter:
             return self.network.predict_from_embedding(embedding, net_input)
 
         labels = self.inferer(data["image"][None].to(self.segmenter.device), recording_network)  # (1, 1, X, Y, Z)
+        quality = self.segmenter.assess_last(data["image"])
         if self.segmenter.keep_largest_component:  # clicks refine the cleaned answer the bundle itself gives
             labels = keep_largest_component(labels[0])[None]
-        return _CachedImage(data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
+        return _CachedImage(quality=None if quality is None else quality.as_dict(),
+                            data=data, original_affine=np.asarray(image.affine, dtype=np.float64),
                             original_shape=tuple(image.shape), inputs=torch.cat(inputs),
                             embeddings=torch.cat(embeddings), auto=labels[0, 0].cpu())  # fmt: skip
 
