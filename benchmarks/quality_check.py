@@ -9,8 +9,9 @@ must flag.
    bundle (``models/quality.json``) and the leave-one-out scores against true Dice (``quality_summary.json``:
    Spearman, mean absolute error, share of the worst 10 % caught, share flagged).
 2. Inputs the score must flag, made from the first validation images (pure noise, heavy noise, heavy blur, the
-   axes in the wrong order) and, where given, a CT, an MR of another body region and another DICOM series, all run
-   through ``python -m ic_moe_monai segment``; their scores, flags and reasons come from its ``report.json``.
+   axes in the wrong order, front and back swapped) and, where given, a CT, an MR of another body region and
+   another DICOM series, all run through ``python -m ic_moe_monai segment``; their scores, flags and reasons come
+   from its ``report.json``.
 3. The cost: ``segment``'s inference seconds per case with and without the quality signals, on the same cases.
 """
 
@@ -57,7 +58,8 @@ def corrupted_cases(images: list[Path], folder: Path, rng: np.random.Generator) 
             "pure_noise": rng.uniform(data.min(), data.max(), data.shape),
             "heavy_noise": data + rng.normal(0, 0.6 * spread, data.shape),
             "heavy_blur": ndimage.gaussian_filter(data, sigma=3.0),
-            "wrong_axes": np.ascontiguousarray(data.transpose(2, 1, 0)),  # the header still says the old order
+            "wrong_axes": np.ascontiguousarray(data.transpose(1, 0, 2)),  # the header still says the old order
+            "flipped_ap": np.ascontiguousarray(data[:, ::-1]),  # front and back swapped, the header unchanged
         }
         for name, array in variants.items():
             nib.save(nib.Nifti1Image(array.astype(np.float32), img.affine), folder / f"{name}_{i}.nii.gz")

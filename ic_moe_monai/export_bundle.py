@@ -115,6 +115,9 @@ def export_bundle(
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4, ensure_ascii=False) + "\n")
         (stage / "models").mkdir()
         shutil.copyfile(bundle / "models" / "model.pt", stage / "models" / "model.pt")
+        quality = bundle / "models" / "quality.json"  # the quality score's calibration, when evaluated
+        if _shipped(quality, bundle, (".json",)):
+            shutil.copyfile(quality, stage / "models" / "quality.json")
         _copy_documents(bundle, stage)
         _write_large_files(bundle, stage, weights_url)
         _finish_card(stage, bundle, metadata, summary)

@@ -676,7 +676,9 @@ def _write_outputs(
             write_statistics(case.name, stats, outputs["statistics_json"], outputs["statistics_csv"])
     with _writing("the preview", case):
         if "preview" in outputs:
-            write_preview(np.asarray(image), label_array, affine, outputs["preview"], seg.label_names)
+            flagged = bool(result.quality and result.quality["flagged"])
+            write_preview(np.asarray(image), label_array, affine, outputs["preview"], seg.label_names,
+                          caption=_quality_caption(result.quality), alert=flagged)  # fmt: skip
     if push is not None and "pushed" in outputs:
         _push_seg(case, Path(outputs["dicom_seg"]), Path(outputs["pushed"]), push)
     with _writing("the labelmap", case):
@@ -756,6 +758,13 @@ def _write_run_files(report: SegmentReport, run_files: list[Path], statistics: b
             tmp.write_text(json.dumps(asdict(report) | {"exit_code": report.exit_code}, indent=2) + "\n")
     except OSError as err:
         _run_error(report, f"cannot write the report {report_path}: {_os_reason(err)}")
+
+
+def _quality_caption(quality: dict[str, Any] | None) -> str:
+    """The preview's line about the case's quality score ("" without one)."""
+    if quality is None:
+        return ""
+    return f"quality {quality['score']:.2f}" + (" - review: " + quality["reasons"][0] if quality["flagged"] else "")
 
 
 def _quality_csv(cases: list[CaseResult]) -> str:

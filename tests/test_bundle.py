@@ -214,7 +214,16 @@ def test_evaluation_reports(tmp_path, tiny_task, trained, convention):
         "run", "evaluating", "--config_file", configs("train.json", "evaluate.json"), "--dataset_dir", str(tiny_task),
         "--ckpt_path", str(trained / "models" / "model.pt"), "--output_dir", str(tmp_path),
         "--metric_convention", convention, "--eval_section", "all", "--num_workers", "0",
+        "--quality_calibration", str(tmp_path / "quality.json"),
     )  # fmt: skip
+    # the quality score is calibrated on the evaluated cases, and its predictions compared with their Dice
+    from ic_moe_monai.quality import QualityCalibration
+
+    assert set(QualityCalibration.load(tmp_path / "quality.json").label_names.values()) == {"anterior", "posterior"}
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    assert summary["cases"] == 6 and 0.0 <= summary["mae"] <= 1.0
+    with (tmp_path / "quality_vs_dice.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
     with (tmp_path / "metrics_per_case.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
@@ -328,8 +337,10 @@ def test_multi_process_gloo_evaluation(tmp_path, tiny_task, trained):
         "run", "evaluating",
         "--config_file", configs("train.json", "evaluate.json", "multi_gpu_evaluate.json"),
         "--dataset_dir", str(tiny_task), "--ckpt_path", str(trained / "models" / "model.pt"),
-        "--output_dir", str(tmp_path), "--eval_section", "all", "--num_workers", "0", torchrun=2,
+        "--output_dir", str(tmp_path), "--eval_section", "all", "--num_workers", "0",
+        "--quality_calibration", str(tmp_path / "quality.json"), torchrun=2,
     )  # fmt: skip
+    assert json.loads((tmp_path / "quality_summary.json").read_text())["cases"] == 6  # gathered too
     with (tmp_path / "metrics_per_case.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6  # both ranks' cases, gathered on rank 0

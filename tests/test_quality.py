@@ -158,7 +158,8 @@ def test_segment_reports_each_case_quality_and_lists_the_flagged_first(tmp_path,
         nib.save(nib.Nifti1Image(data, np.diag([spacing, spacing, spacing, 1.0])), studies / f"{name}.nii.gz")
 
     with caplog.at_level("INFO", logger="ic_moe_monai.segment"):
-        report = segment(str(studies), str(tmp_path / "out"), bundle=str(BUNDLE), config=str(tmp_path / "config.json"))
+        report = segment(str(studies), str(tmp_path / "out"), bundle=str(BUNDLE), config=str(tmp_path / "config.json"),
+                         preview=True)  # fmt: skip
     quality = {c.name: c.quality for c in report.cases}
     assert set(quality["typical"]) == {"score", "labels", "flagged", "reasons"}
     assert set(quality["typical"]["labels"]) == set(NAMES.values())
@@ -170,6 +171,7 @@ def test_segment_reports_each_case_quality_and_lists_the_flagged_first(tmp_path,
     assert rows[0].startswith("case,score,anterior_score,posterior_score,flagged")
     assert rows[1].startswith("huge,") and rows[2].startswith("typical,")
     assert caplog.records[-1].getMessage() == "1 of 2 case(s) flagged for review (quality.csv)"
+    assert (tmp_path / "out" / "huge_preview.png").stat().st_size > 0  # its caption says to review it
 
     strict = segment(str(studies), str(tmp_path / "strict"), bundle=str(BUNDLE), config=str(tmp_path / "config.json"),
                      qc_threshold=1.0, quiet=True)  # fmt: skip

@@ -272,11 +272,14 @@ def write_preview(
     path: str | Path,
     label_names: Mapping[int, str],
     height: int = 256,
+    caption: str = "",
+    alert: bool = False,
 ) -> None:
     """A PNG with axial, coronal and sagittal slices through the labelled region, labels overlaid in colour.
 
     Views are in radiological convention (patient right on the image left, anterior and superior up), with the
-    physical aspect ratio, each ``height`` pixels high, and a legend of the label names.
+    physical aspect ratio, each ``height`` pixels high, and a legend of the label names, followed by ``caption``
+    (e.g. the quality score), in red with ``alert`` (a case flagged for review).
     """
     import nibabel as nib
 
@@ -305,6 +308,8 @@ def write_preview(
         draw.rectangle([x, height + 4, x + 8, height + 12], fill=colour)
         draw.text((x + 11, height + 2), name, fill=(255, 255, 255), font=font)
         x += 11 + int(draw.textlength(name, font=font)) + 10
+    if caption:
+        draw.text((x + 6, height + 2), caption, fill=(255, 80, 80) if alert else (200, 200, 200), font=font)
     with atomic_output(path) as tmp:
         canvas.save(tmp, format="PNG")
 
