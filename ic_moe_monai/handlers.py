@@ -20,7 +20,13 @@ from ic_moe_monai.checkpoints import load_pretrained_weights
 from ic_moe_monai.data import case_name
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.evaluation import case_metrics, write_reports
-from ic_moe_monai.quality import cross_validated_report, geometry_signals, label_dice, write_quality_report
+from ic_moe_monai.quality import (
+    cross_validated_report,
+    file_sha256,
+    geometry_signals,
+    label_dice,
+    write_quality_report,
+)
 
 __all__ = [
     "CaseMetricsWriter",
@@ -432,6 +438,7 @@ class QualityCalibrationWriter:
         output_dir: where the reports go.
         class_names: ``{class_id: name}`` of the foreground classes.
         calibration_path: where the calibration goes; ``None`` writes none.
+        checkpoint: the evaluated weights file; the calibration records its SHA-256, and is used with it only.
         slice_axis: the inferer's slice axis.
     """
 
@@ -441,6 +448,7 @@ class QualityCalibrationWriter:
         output_dir: str | Path,
         class_names: Mapping[int | str, str],
         calibration_path: str | Path | None = None,
+        checkpoint: str | Path | None = None,
         slice_axis: int = 2,
     ) -> None:
         if not getattr(inferer, "quality", False):
@@ -449,6 +457,7 @@ class QualityCalibrationWriter:
         self.output_dir = Path(output_dir)
         self.class_names = {int(k): v for k, v in class_names.items() if int(k) != 0}
         self.calibration_path = Path(calibration_path) if calibration_path else None
+        self.checkpoint = Path(checkpoint) if checkpoint else None
         self.slice_axis = slice_axis
         self.cases: list[tuple[str, dict[str, Any], dict[str, float]]] = []
 
@@ -487,6 +496,8 @@ class QualityCalibrationWriter:
         signals_file = self.output_dir / "quality_signals.json"  # what the fit saw, to study or refit it
         signals_file.write_text(json.dumps([{"case": c, "dice": d, "signals": s} for c, s, d in cases]) + "\n")
         if self.calibration_path is not None:
+            if self.checkpoint is not None and self.checkpoint.is_file():
+                calibration.checkpoint_sha256 = file_sha256(self.checkpoint)
             self.calibration_path.parent.mkdir(parents=True, exist_ok=True)
             calibration.save(self.calibration_path)
         logger.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -34,12 +35,15 @@ from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
 from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
 from ic_moe_monai.postprocessing import keep_largest_component
-from ic_moe_monai.quality import CaseQuality, QualityCalibration, geometry_signals
+from ic_moe_monai.quality import CaseQuality, QualityCalibration, file_sha256, geometry_signals
 
 __all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",
            "read_metadata"]  # fmt: skip
 
 Progress = Callable[[int, int], None]
+
+
+logger = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -128,7 +132,7 @@ class BundleSegmenter:
         self.inferer = _parsed(bundle, parser, "inferer")
         self.batch_size: int | None = getattr(self.inferer, "batch_size", None)
         self.inverter = Invertd(keys="pred", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
-        self.quality = _quality_calibration(bundle, parser)
+        self.quality = _quality_calibration(bundle, parser, self.ckpt_path)
         if self.quality is not None and isinstance(self.inferer, SliceContextInferer):
             self.inferer.quality = True
         self.qc_threshold = qc_threshold
@@ -208,17 +212,23 @@ class BundleSegmenter:
         return self.predict(self.preprocess(image), progress)
 
 
-def _quality_calibration(bundle: Path, parser: ConfigParser) -> QualityCalibration | None:
-    """The bundle's quality calibration; None when it names none or the file is not there (not calibrated yet)."""
+def _quality_calibration(bundle: Path, parser: ConfigParser, checkpoint: Path) -> QualityCalibration | None:
+    """The bundle's quality calibration; None when it names none, the file is not there (not calibrated yet) or
+    it was fitted for other weights than ``checkpoint`` (trained again since: said in a warning)."""
     if "quality_calibration" not in parser:
         return None
     path = _parsed(bundle, parser, "quality_calibration")
     if not path or not Path(path).is_file():
         return None
     try:
-        return QualityCalibration.load(path)
+        calibration = QualityCalibration.load(path)
     except ValueError as err:
         raise BundleError(f"bundle {bundle}: {err}") from err
+    if calibration.checkpoint_sha256 and calibration.checkpoint_sha256 != file_sha256(checkpoint):
+        logger.warning("%s was fitted for other weights than %s: no quality scores until `run evaluating` "
+                       "refits it", path, checkpoint)  # fmt: skip
+        return None
+    return calibration
 
 
 def read_metadata(bundle: str | Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "QualityCalibration",
     "QualitySignals",
     "cross_validated_report",
+    "file_sha256",
     "geometry_signals",
     "label_dice",
     "spearman",
@@ -255,6 +256,8 @@ class QualityCalibration:
             that passes).
         qc_threshold: a case whose score is below it is flagged.
         fit: how the fit did on its own cases (``cases``, ``spearman``, ``mae``).
+        checkpoint_sha256: SHA-256 of the weights file it was fitted for: a bundle trained again after its
+            calibration does not use it (the signals of other weights mean other things).
     """
 
     label_names: dict[int, str]
@@ -263,6 +266,7 @@ class QualityCalibration:
     ranges: dict[str, Any] = field(default_factory=dict)
     qc_threshold: float = 0.5
     fit: dict[str, Any] = field(default_factory=dict)
+    checkpoint_sha256: str = ""
 
     # ------------------------------------------------------------------------------------------------ estimate
     def case_score(self, signals: Mapping[str, Any], labels: Mapping[str, float] | None = None) -> float:
@@ -379,6 +383,7 @@ class QualityCalibration:
             "ranges": self.ranges,
             "qc_threshold": self.qc_threshold,
             "fit": self.fit,
+            "checkpoint_sha256": self.checkpoint_sha256,
         }
 
     def save(self, path: str | Path) -> None:
@@ -395,6 +400,7 @@ class QualityCalibration:
             ranges=dict(data.get("ranges", {})),
             qc_threshold=float(data.get("qc_threshold", 0.5)),
             fit=dict(data.get("fit", {})),
+            checkpoint_sha256=str(data.get("checkpoint_sha256", "")),
         )
 
     @classmethod
@@ -437,6 +443,17 @@ def _ranges(names: Sequence[str], signals: Sequence[Mapping[str, Any]]) -> dict[
         directions[pair] = {"mean": mean.round(6).tolist(), "min_cosine": round(min(lowest - 0.3, 0.5), 4)}
     ranges["directions"] = directions
     return ranges
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def label_dice(pred: np.ndarray, label: np.ndarray, label_names: Mapping[int, str]) -> dict[str, float]:

@@ -117,8 +117,10 @@ def threshold_bundle_config(folder: Path, img_size: int) -> Path:
     labelmap of any volume is known voxel by voxel (:func:`expected_threshold_labels`): no component cleaning."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ThresholdNet().state_dict(), folder / "threshold.pt")
+    # no quality calibration: the shipped one belongs to the shipped model
     config = {"network_def": {"_target_": "tests.helpers.ThresholdNet"}, "img_size": img_size,
-              "ckpt_path": str(folder / "threshold.pt"), "keep_largest_component": False}  # fmt: skip
+              "ckpt_path": str(folder / "threshold.pt"), "keep_largest_component": False,
+              "quality_calibration": None}  # fmt: skip
     (folder / "threshold.json").write_text(json.dumps(config))
     return folder / "threshold.json"
 

@@ -97,6 +97,9 @@ def test_second_click_on_a_slice_reuses_the_embeddings(engine):
     second_s = time.perf_counter() - start
     assert first["embedding_cache"] == "miss" and second["embedding_cache"] == "hit"
     assert first_s / second_s >= 5, (first_s, second_s)
+    # the automatic answer's quality score (the shipped calibration) travels with every answer, for the viewer
+    assert first["quality"] == second["quality"] and 0.0 <= first["quality"]["score"] <= 1.0
+    assert set(first["quality"]["labels"]) == {"anterior", "posterior"}
 
 
 def test_bad_clicks_and_labels_are_refused(engine):

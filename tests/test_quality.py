@@ -177,3 +177,10 @@ def test_segment_reports_each_case_quality_and_lists_the_flagged_first(tmp_path,
                      qc_threshold=1.0, quiet=True)  # fmt: skip
     assert all(c.quality["flagged"] for c in strict.cases)
     assert any("below the review threshold 1.00" in r for r in strict.cases[0].quality["reasons"])
+
+    # a calibration fitted for other weights (the bundle was trained again since) is not used
+    calibration.checkpoint_sha256 = "0" * 64
+    calibration.save(tmp_path / "quality.json")
+    stale = segment(str(studies), str(tmp_path / "stale"), bundle=str(BUNDLE), config=str(tmp_path / "config.json"),
+                    quiet=True)  # fmt: skip
+    assert all(c.quality is None for c in stale.cases) and not (tmp_path / "stale" / "quality.csv").exists()
