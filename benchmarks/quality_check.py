@@ -138,7 +138,7 @@ def main() -> None:
 
     result = {
         "benchmark": "quality score: calibration on the validation fold (leave-one-out), inputs it must flag, cost",
-        "command": " ".join(sys.argv),
+        "command": " ".join(Path(a).name if "/" in a else a for a in sys.argv),  # file names, no local paths
         "dataset_dir": args.dataset_dir.name,
         "fold": args.fold,
         "validation": summary,
