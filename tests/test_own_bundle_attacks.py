@@ -262,7 +262,8 @@ def test_export_leaves_logs_checkpoints_and_hidden_files_out(tmp_path, bundle_co
     out = export_bundle(bundle_copy, tmp_path / "out")
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.parts[-2:][0] != "__pycache__"}
     assert {f for f in files if not f.startswith(("scripts/", "configs/"))} == {
-        "LICENSE", "large_files.yml", "models/model.pt", "docs/README.md", "docs/data_license.txt", "docs/inside.md",
+        "LICENSE", "large_files.yml", "models/model.pt", "models/quality.json", "docs/README.md",
+        "docs/data_license.txt", "docs/inside.md",
         "sample_data/README.md", "sample_data/hippocampus_003.nii.gz", "sample_data/hippocampus_007.nii.gz",
     }  # fmt: skip
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
