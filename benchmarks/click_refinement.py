@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "click_refinement.json"))
     args = parser.parse_args()
 
-    from ic_moe_monai.data import datalist
+    from ic_moe_monai.data.datasets import datalist
 
     cases = datalist(args.dataset_dir, "validation", args.fold, 5, 0, args.max_cases)
     out = Path(args.out)

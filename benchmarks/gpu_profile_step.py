@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.losses import ICMoELoss
 
 PROFILES = {"lite": dict(encoder="lite", img_size=64, batch=32), "vit_b": dict(encoder="vit_b", img_size=256, batch=8)}
 

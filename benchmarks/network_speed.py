@@ -44,9 +44,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE, count_parameters
 from ic_moe_monai.networks.sam_weights import build_image_encoder
+from ic_moe_monai.training.losses import ICMoELoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info

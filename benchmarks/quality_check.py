@@ -43,7 +43,7 @@ def run(args: list[str], log: Path) -> None:
 
 def validation_images(dataset_dir: Path, fold: int) -> list[Path]:
     sys.path.insert(0, str(REPO))
-    from ic_moe_monai.data import datalist
+    from ic_moe_monai.data.datasets import datalist
 
     return [Path(d["image"]) for d in datalist(str(dataset_dir), "validation", fold, 5, 0, None)]
 

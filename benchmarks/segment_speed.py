@@ -91,9 +91,9 @@ def child_network(input_dir: str, bundle: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from ic_moe_monai.inferers import neighbor_stack
+    from ic_moe_monai.inference.inferers import neighbor_stack
+    from ic_moe_monai.inference.predictor import BundleSegmenter, load_case
     from ic_moe_monai.io import discover_cases
-    from ic_moe_monai.predictor import BundleSegmenter, load_case
 
     segmenter = BundleSegmenter(bundle, device="cpu")
     inferer, network = segmenter.inferer, segmenter.network
@@ -147,7 +147,7 @@ def folder_scenarios(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import nibabel as nib
     import numpy as np
 
-    from ic_moe_monai.data import IMAGE_SUFFIXES
+    from ic_moe_monai.data.datasets import IMAGE_SUFFIXES
 
     results: dict[str, Any] = {}
     folder = tmp / "folder"
@@ -285,9 +285,9 @@ def _stage_breakdown(predictor: Any, path: Path, out: Path, clock: _Clock) -> di
     from monai.data import MetaTensor
     from monai.transforms import SaveImage
 
+    from ic_moe_monai.inference.predictor import load_case
     from ic_moe_monai.io import Case
     from ic_moe_monai.io.saving import NiftiWriter
-    from ic_moe_monai.predictor import load_case
 
     names = {"ToDeviced": "to_device", "EnsureChannelFirstd": "channel_first", "Orientationd": "orientation",
              "IntensityPresetd": "intensity"}  # fmt: skip
@@ -317,8 +317,8 @@ def large_ct(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from ic_moe_monai.inference.predictor import BundleSegmenter, load_case
     from ic_moe_monai.io import Case
-    from ic_moe_monai.predictor import BundleSegmenter, load_case
     from ic_moe_monai.segment import segment
 
     device = torch.device(args.device if args.device != "auto" else ("cuda:0" if torch.cuda.is_available() else "cpu"))

@@ -7,7 +7,7 @@
 For each profile (``lite``: 32 slices of 64²; ``sam_vit_b``: 8 slices of 256², random weights):
 
 (a) the pure step: forward + ICMoELoss + backward + AdamW on one batch already on the device, run by the bundle's
-    trainer (:class:`~ic_moe_monai.engines.ICMoETrainer`) without data loading or handlers, eager and as a CUDA
+    trainer (:class:`~ic_moe_monai.training.engines.ICMoETrainer`) without data loading or handlers, eager and as a CUDA
     graph; median time per iteration, from CUDA events between iteration starts (on the CPU: ``perf_counter``);
     the warm-up and capture iterations are left out and reported apart;
 (b) the bundle's real training iteration: ``train#trainer`` built from ``train.json`` + the profile by MONAI's
@@ -39,7 +39,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ic_moe_monai.engines import ICMoETrainer, adamw
+from ic_moe_monai.training.engines import ICMoETrainer, adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, public_settings
@@ -230,7 +230,7 @@ def _write_profile(prof, path: Path, steps: int, device: torch.device) -> dict[s
 
 def op_counts(parser: ConfigParser, device: torch.device) -> dict[str, int]:
     """Aten ops the host dispatches for one eager step, one clicked step and one click-placing call."""
-    from ic_moe_monai.clicks import ClickPromptBatch
+    from ic_moe_monai.training.clicks import ClickPromptBatch
 
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def", lazy=False).to(device).train()

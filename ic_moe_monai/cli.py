@@ -2,9 +2,9 @@
 
 - ``segment INPUT OUTPUT [options]``: segment folders of studies with a bundle;
 - ``init_bundle DATASET_DIR OUT_BUNDLE [--profile lite] [--from BUNDLE|none] [--label_names ...] [--modality ...]
-  [--ct_window ...]``: a bundle of its own for a dataset (:mod:`ic_moe_monai.init_bundle`);
+  [--ct_window ...]``: a bundle of its own for a dataset (:mod:`ic_moe_monai.bundles.initialize`);
 - ``export_bundle BUNDLE OUT [--metrics FILE] [--weights_url URL]``: a copy that runs with MONAI only
-  (:mod:`ic_moe_monai.export_bundle`).
+  (:mod:`ic_moe_monai.bundles.export`).
 
 Exit codes of ``segment``: 0 when every case succeeded, 1 when any case failed, an input was rejected or the report
 could not be written, 2 for usage errors: a bad or unknown option, a missing input, a bundle that cannot be used
@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import fire
 
+from ic_moe_monai.bundles.export import export_bundle
+from ic_moe_monai.bundles.initialize import init_bundle
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.export_bundle import export_bundle
-from ic_moe_monai.init_bundle import init_bundle
-from ic_moe_monai.predictor import BundleError
+from ic_moe_monai.inference.predictor import BundleError
 from ic_moe_monai.segment import UsageError, segment
 
 __all__ = ["export_bundle_command", "init_bundle_command", "main", "segment_command"]
@@ -53,7 +53,8 @@ def segment_command(*args, **kwargs) -> None:
 
 @functools.wraps(init_bundle)
 def init_bundle_command(*args, **kwargs) -> None:
-    """The ``init_bundle`` command: :func:`ic_moe_monai.init_bundle.init_bundle`, then the commands to run next."""
+    """The ``init_bundle`` command: :func:`ic_moe_monai.bundles.initialize.init_bundle`, then the commands to run
+    next."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -70,7 +71,7 @@ def init_bundle_command(*args, **kwargs) -> None:
 
 @functools.wraps(export_bundle)
 def export_bundle_command(*args, **kwargs) -> None:
-    """The ``export_bundle`` command: :func:`ic_moe_monai.export_bundle.export_bundle`."""
+    """The ``export_bundle`` command: :func:`ic_moe_monai.bundles.export.export_bundle`."""
     try:
         out = export_bundle(*args, **kwargs)
     except USAGE_ERRORS as err:

@@ -3,7 +3,8 @@
 Cases are found by :func:`ic_moe_monai.io.discover_cases` (image files and DICOM series, recursively). Each case
 is loaded after its header passed the size and shape guard (DICOM series by pydicom, in ITK's geometry; ITK is
 imported only for NRRD and MHA), preprocessed, segmented and inverted by the bundle runtime
-(:class:`~ic_moe_monai.predictor.BundleSegmenter`: the bundle's own ``preprocessing``, ``inferer`` and weights, on
+(:class:`~ic_moe_monai.inference.predictor.BundleSegmenter`: the bundle's own ``preprocessing``, ``inferer`` and
+weights, on
 the GPU when there is one), and written in the input's geometry: a NIfTI labelmap and, on request, a DICOM SEG,
 label statistics and a preview image. Reading and writing overlap with segmenting: the next case is loaded in a
 background thread, and the finished one is written by another.
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from ic_moe_monai.inference.predictor import BundleSegmenter, load_case
 from ic_moe_monai.io import Case, Skipped, discover_cases
 from ic_moe_monai.io.dicomweb import (
     DicomwebClient,
@@ -78,7 +80,6 @@ from ic_moe_monai.io.writers import (
     write_preview,
     write_statistics,
 )
-from ic_moe_monai.predictor import BundleSegmenter, load_case
 
 try:  # progress bars are a convenience: without tqdm the run is the same, silent
     from tqdm import tqdm
@@ -216,7 +217,7 @@ def segment(
             is the input folder, an output that would replace an input file, a DICOMweb URL that cannot be used or a
             server that cannot be reached or refuses the credentials; all before the model is loaded.
         FileNotFoundError: the input does not exist (also: a study or series URL naming nothing on the server).
-        ~ic_moe_monai.predictor.BundleError: the bundle cannot be used (configs, network, weights).
+        ~ic_moe_monai.inference.predictor.BundleError: the bundle cannot be used (configs, network, weights).
     """
     started = time.monotonic()
     quiet = _flag("quiet", quiet)

@@ -105,7 +105,7 @@ def write_dicom_series(
 
 def expected_threshold_labels(data: np.ndarray) -> np.ndarray:
     """What :class:`ThresholdNet` gives after the bundle's MR intensity preset, for a whole volume ``data``."""
-    from ic_moe_monai.transforms import IntensityPresetd
+    from ic_moe_monai.data.transforms import IntensityPresetd
 
     image = torch.from_numpy(np.asarray(data, dtype=np.float32)[None])
     scaled = np.asarray(IntensityPresetd("image", modality="mr")({"image": image})["image"])[0]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ic_moe_monai.amp import needs_grad_scaler, resolve_amp_dtype
-from ic_moe_monai.inferers import SliceContextInferer
-from ic_moe_monai.losses import ICMoELoss
+from ic_moe_monai.inference.inferers import SliceContextInferer
 from ic_moe_monai.networks import ICMoE, ICMoELayer
 from ic_moe_monai.networks.voting import TopKRouter
+from ic_moe_monai.training.losses import ICMoELoss
 from tests.amp_emulation import CudaAutocastEmulation
 
 DTYPES = [torch.float16, torch.bfloat16]

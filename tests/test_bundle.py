@@ -16,8 +16,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from ic_moe_monai.checkpoints import read_info
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.networks.checkpoints import read_info
 
 from .conftest import REPO_ROOT
 from .helpers import BUNDLE, CONFIGS, expected_threshold_labels, make_msd_folder
@@ -217,7 +217,7 @@ def test_evaluation_reports(tmp_path, tiny_task, trained, convention):
         "--quality_calibration", str(tmp_path / "quality.json"),
     )  # fmt: skip
     # the quality score is calibrated on the evaluated cases, and its predictions compared with their Dice
-    from ic_moe_monai.quality import QualityCalibration
+    from ic_moe_monai.inference.quality import QualityCalibration
 
     assert set(QualityCalibration.load(tmp_path / "quality.json").label_names.values()) == {"anterior", "posterior"}
     summary = json.loads((tmp_path / "quality_summary.json").read_text())

@@ -10,7 +10,9 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 
-from ic_moe_monai.checkpoints import (
+from ic_moe_monai.errors import ConfigError
+from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.networks.checkpoints import (
     BundleCheckpointLoader,
     CheckpointMismatchError,
     StampedWeights,
@@ -21,8 +23,6 @@ from ic_moe_monai.checkpoints import (
     refuse_shipped_model,
     with_info,
 )
-from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.networks import ICMoE
 
 from .helpers import BUNDLE
 
@@ -195,7 +195,7 @@ def test_the_shipped_model_is_refused_as_a_training_target(tmp_path):
 
 def test_the_shipped_model_loads_with_the_shipped_configs():
     """The shipped model.pt (a plain state dict, unchanged) passes the bundle's own check."""
-    from ic_moe_monai.predictor import BundleSegmenter
+    from ic_moe_monai.inference.predictor import BundleSegmenter
 
     segmenter = BundleSegmenter(BUNDLE)
     assert segmenter.label_names == HIPPOCAMPUS and segmenter.checkpoint_info["num_classes"] == 2

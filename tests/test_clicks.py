@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.clicks import ClickPromptBatch, device_boxes, device_clicks, simulate_clicks
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.clicks import ClickPromptBatch, device_boxes, device_clicks, simulate_clicks
 from tests.test_slice_sampling import NoHostSyncOrData
 
 

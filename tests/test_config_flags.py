@@ -12,9 +12,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from ic_moe_monai.errors import ConfigError, config_flag
-from ic_moe_monai.inferers import SliceContextInferer
+from ic_moe_monai.inference.inferers import SliceContextInferer
+from ic_moe_monai.inference.postprocessing import KeepLargestComponentd
 from ic_moe_monai.networks import ICMoE
-from ic_moe_monai.postprocessing import KeepLargestComponentd
 
 from .conftest import REPO_ROOT
 from .helpers import CONFIGS, make_msd_folder

@@ -9,10 +9,10 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from ic_moe_monai.data import DatasetError, case_name, datalist, find_cases, split_folds
-from ic_moe_monai.inferers import SliceContextInferer, channel_argmax, neighbor_stack
+from ic_moe_monai.data.datasets import DatasetError, case_name, datalist, find_cases, split_folds
+from ic_moe_monai.data.transforms import IntensityPresetd, SliceNeighborsd
+from ic_moe_monai.inference.inferers import SliceContextInferer, channel_argmax, neighbor_stack
 from ic_moe_monai.networks import ICMoE
-from ic_moe_monai.transforms import IntensityPresetd, SliceNeighborsd
 
 from .helpers import CONFIGS, make_msd_folder
 

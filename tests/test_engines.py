@@ -13,15 +13,15 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from monai.optimizers import WarmupCosineSchedule as MonaiWarmupCosineSchedule
 
-from ic_moe_monai.engines import (
+from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.engines import (
     GraphedFunction,
     ICMoETrainer,
     WarmupCosineSchedule,
     adamw,
     decollate_without_sync,
 )
-from ic_moe_monai.losses import ICMoELoss
-from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.losses import ICMoELoss
 from tests.sync_check import NoHostSync
 
 SIZE = 32

@@ -10,8 +10,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from ic_moe_monai.evaluation import case_metrics, summarize
-from ic_moe_monai.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter
+from ic_moe_monai.inference.evaluation import case_metrics, summarize
+from ic_moe_monai.training.handlers import LossTermsAverager, TrainingTimeLimit, iteration_log_filter
 from tests.sync_check import NoHostSync
 
 
@@ -96,7 +96,7 @@ def test_loss_terms_averaged_per_epoch():
 
 def test_loss_terms_accumulate_on_the_device_without_host_sync():
     """ICMoELoss's terms are summed on the device during the epoch and read once at its end."""
-    from ic_moe_monai.losses import ICMoELoss
+    from ic_moe_monai.training.losses import ICMoELoss
 
     torch.manual_seed(0)
     loss_fn = ICMoELoss(num_classes=2)
@@ -149,7 +149,7 @@ def test_reports_are_valid_json_with_null_for_undefined(tmp_path):
     """metrics_summary.json holds null, never NaN (not JSON), where a value is undefined."""
     import json
 
-    from ic_moe_monai.evaluation import write_reports
+    from ic_moe_monai.inference.evaluation import write_reports
 
     rows = [{"case": "a", "liver_dice": 0.9, "liver_hd95": math.nan}, {"case": "b", "liver_dice": math.nan,
                                                                        "liver_hd95": math.nan}]  # fmt: skip

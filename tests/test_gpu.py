@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.inferers import SliceContextInferer
+from ic_moe_monai.data.transforms import IntensityPresetd
+from ic_moe_monai.inference.inferers import SliceContextInferer
+from ic_moe_monai.inference.predictor import BundleSegmenter, load_case
 from ic_moe_monai.io import Case
-from ic_moe_monai.predictor import BundleSegmenter, load_case
-from ic_moe_monai.transforms import IntensityPresetd
 
 from .helpers import BUNDLE, CONFIGS, ThresholdNet
 

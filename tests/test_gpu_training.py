@@ -10,10 +10,10 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from ic_moe_monai.clicks import ClickPromptBatch
-from ic_moe_monai.engines import ICMoETrainer, adamw
-from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.clicks import ClickPromptBatch
+from ic_moe_monai.training.engines import ICMoETrainer, adamw
+from ic_moe_monai.training.losses import ICMoELoss
 
 from .helpers import CONFIGS, make_msd_folder
 
@@ -90,7 +90,7 @@ def test_graphed_steps_read_the_learning_rate_from_the_device():
     """The captured optimizer step reads the rate the scheduler writes into the device tensor: a replayed step
     with the rate set to 0 leaves the weights as they are, the next one (rate back) moves them; the schedule
     fills the same tensor without a host sync."""
-    from ic_moe_monai.engines import WarmupCosineSchedule
+    from ic_moe_monai.training.engines import WarmupCosineSchedule
 
     trainer, network, _ = _trainer("bfloat16", True, steps=9)
     lr = trainer.optimizer.param_groups[0]["lr"]

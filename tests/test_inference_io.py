@@ -22,10 +22,10 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
+from ic_moe_monai.data.transforms import IntensityPresetd, percentile
+from ic_moe_monai.inference.predictor import one_case_collate
 from ic_moe_monai.io.readers import LoadVolume, LoadVolumed
 from ic_moe_monai.io.saving import BackgroundSaveImaged, BackgroundWriter, NiftiWriter
-from ic_moe_monai.predictor import one_case_collate
-from ic_moe_monai.transforms import IntensityPresetd, percentile
 
 from .helpers import BUNDLE
 

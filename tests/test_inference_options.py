@@ -10,8 +10,8 @@ from monai.data import MetaTensor
 from scipy import ndimage
 from torch import nn
 
+from ic_moe_monai.inference.postprocessing import KeepLargestComponentd, keep_largest_component
 from ic_moe_monai.networks import AveragedPrediction, ICMoE, load_network_copy
-from ic_moe_monai.postprocessing import KeepLargestComponentd, keep_largest_component
 
 
 class _Asymmetric(nn.Module):
@@ -97,7 +97,7 @@ def test_keep_largest_componentd_keeps_meta_and_can_be_switched_off():
 
 
 def test_inferer_mirroring_averages_and_can_be_skipped_per_call():
-    from ic_moe_monai.inferers import SliceContextInferer
+    from ic_moe_monai.inference.inferers import SliceContextInferer
 
     net = _Asymmetric()
     volume = torch.rand(1, 1, 8, 8, 5)
@@ -164,7 +164,7 @@ def test_configs_build_the_options(names):
 
 
 def test_mirroring_leaves_a_mirror_symmetric_network_unchanged():
-    from ic_moe_monai.inferers import SliceContextInferer
+    from ic_moe_monai.inference.inferers import SliceContextInferer
 
     from .helpers import ThresholdNet
 

@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from ic_moe_monai.transforms import LabelToImageGridd, label_to_image_grid
+from ic_moe_monai.data.transforms import LabelToImageGridd, label_to_image_grid
 
 from .helpers import CONFIGS
 

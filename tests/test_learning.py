@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.training.losses import ICMoELoss
 
 SIZE = 64
 

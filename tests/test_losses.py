@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from ic_moe_monai.losses import (
+from ic_moe_monai.networks import ICMoE, TopKRouter
+from ic_moe_monai.training.losses import (
     ICMoELoss,
     expert_supervision_loss,
     load_balancing_loss,
@@ -15,7 +16,6 @@ from ic_moe_monai.losses import (
     semantic_contrastive_loss,
     token_labels,
 )
-from ic_moe_monai.networks import ICMoE, TopKRouter
 from tests.amp_emulation import CudaAutocastEmulation
 from tests.test_slice_sampling import NoHostSyncOrData
 

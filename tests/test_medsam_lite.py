@@ -125,7 +125,7 @@ def test_training_changes_neither_encoder_weights_nor_batchnorm_statistics():
     model = medsam_lite(moe_blocks=[8, 9]).train()
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     assert all(not m.training for m in model.image_encoder.modules())  # BatchNorm uses the stored statistics
-    from ic_moe_monai.losses import ICMoELoss
+    from ic_moe_monai.training.losses import ICMoELoss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x, y = torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
@@ -191,7 +191,7 @@ def test_cached_trunk_gives_the_same_forward():
 
 def test_decoder_only_network_trains_on_dice_ce_alone():
     """``moe_blocks=[]`` (the ablation without experts): train mode returns logits, and only Dice + CE apply."""
-    from ic_moe_monai.losses import ICMoELoss
+    from ic_moe_monai.training.losses import ICMoELoss
 
     model = medsam_lite(moe_blocks=[]).train()
     assert len(model.moe_layers) == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ic_moe_monai.losses import ICMoELoss
 from ic_moe_monai.networks import ICMoE, count_parameters
+from ic_moe_monai.training.losses import ICMoELoss
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

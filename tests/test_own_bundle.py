@@ -20,12 +20,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from ic_moe_monai.bundle_card import ZOO_HEADINGS, missing_headings
-from ic_moe_monai.checkpoints import StampedWeights, read_info
+from ic_moe_monai.bundles.card import ZOO_HEADINGS, missing_headings
+from ic_moe_monai.bundles.export import export_bundle, package_modules
+from ic_moe_monai.bundles.initialize import init_bundle
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.export_bundle import export_bundle, package_modules
-from ic_moe_monai.init_bundle import init_bundle
-from ic_moe_monai.predictor import BundleError, BundleSegmenter
+from ic_moe_monai.inference.predictor import BundleError, BundleSegmenter
+from ic_moe_monai.networks.checkpoints import StampedWeights, read_info
 
 from .conftest import REPO_ROOT
 from .helpers import BUNDLE, CT_LABELS, make_ct_task, synthetic_ct, write_dicom_series
@@ -52,7 +52,7 @@ sys.meta_path.insert(0, _Blocked())
 CTRL_C_AT_STEP_7 = """import os
 import signal
 
-from ic_moe_monai import resume
+from ic_moe_monai.training import resume
 
 _maybe_stop = resume.TrainingCheckpoints._maybe_stop
 
@@ -246,7 +246,7 @@ def test_names_and_weights_of_a_made_bundle_reach_the_runtime(tmp_path, ct_task)
 def test_training_refuses_a_dataset_naming_other_labels(ct_task):
     """The first thing that went wrong: the shipped configs on a dataset of other labels (an index error in the loss
     before); now one line naming both label sets and the command that makes a bundle for the dataset."""
-    from ic_moe_monai.data import DatasetError, check_dataset_labels
+    from ic_moe_monai.data.datasets import DatasetError, check_dataset_labels
 
     assert check_dataset_labels(ct_task, {"0": "background", "1": "Liver", "2": "spleen", "3": "kidney"})
     with pytest.raises(DatasetError) as caught:
@@ -281,14 +281,15 @@ def test_dicom_seg_names_every_label_without_codes(tmp_path):
 # ------------------------------------------------------------------------------------------------ export_bundle
 def test_exported_code_is_what_the_configs_need():
     texts = [p.read_text() for p in (BUNDLE / "configs").glob("*.json")]
-    from ic_moe_monai.export_bundle import _references
+    from ic_moe_monai.bundles.export import _references
 
     modules = package_modules(_references(texts))
-    for needed in ("ic_moe_monai.networks.ic_moe", "ic_moe_monai.resume", "ic_moe_monai.checkpoints",
-                   "ic_moe_monai.predictor", "ic_moe_monai.io.saving", "ic_moe_monai.slice_sampling"):  # fmt: skip
+    for needed in ("ic_moe_monai.networks.ic_moe", "ic_moe_monai.training.resume", "ic_moe_monai.networks.checkpoints",
+                   "ic_moe_monai.inference.predictor", "ic_moe_monai.io.saving",
+                   "ic_moe_monai.training.slice_sampling"):  # fmt: skip
         assert needed in modules, needed
-    for not_needed in ("ic_moe_monai.segment", "ic_moe_monai.cli", "ic_moe_monai.label", "ic_moe_monai.init_bundle",
-                       "ic_moe_monai.export_bundle"):  # fmt: skip
+    for not_needed in ("ic_moe_monai.segment", "ic_moe_monai.cli", "ic_moe_monai.label",
+                       "ic_moe_monai.bundles.initialize", "ic_moe_monai.bundles.export"):  # fmt: skip
         assert not_needed not in modules, not_needed
 
 

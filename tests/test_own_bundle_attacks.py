@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ic_moe_monai import cli
-from ic_moe_monai.data import dataset_info
-from ic_moe_monai.export_bundle import export_bundle
+from ic_moe_monai.bundles.export import export_bundle
+from ic_moe_monai.data.datasets import dataset_info
 
 from .helpers import BUNDLE, make_ct_task
 

@@ -10,9 +10,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from ic_moe_monai.inferers import SliceContextInferer
+from ic_moe_monai.inference.inferers import SliceContextInferer
+from ic_moe_monai.inference.predictor import BundleSegmenter, label_names, load_case, read_metadata
 from ic_moe_monai.io import Case
-from ic_moe_monai.predictor import BundleSegmenter, label_names, load_case, read_metadata
 from tests.amp_emulation import CudaAutocastEmulation
 from tests.sync_check import NoHostSync
 

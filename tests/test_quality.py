@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ic_moe_monai.inferers import SliceContextInferer
-from ic_moe_monai.quality import (
+from ic_moe_monai.inference.inferers import SliceContextInferer
+from ic_moe_monai.inference.quality import (
     QualityCalibration,
     cross_validated_report,
     geometry_signals,

@@ -281,7 +281,7 @@ def test_nifti_input_needs_no_itk(tmp_path, threshold_config):
 def test_reused_segmenter_and_a_failed_write(tmp_path, threshold_config, monkeypatch):
     """A BundleSegmenter built once serves several calls; a case whose writing fails is reported, the rest done."""
     from ic_moe_monai import segment as segment_module
-    from ic_moe_monai.predictor import BundleSegmenter
+    from ic_moe_monai.inference.predictor import BundleSegmenter
 
     studies = tmp_path / "studies"
     studies.mkdir()

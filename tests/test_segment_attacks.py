@@ -22,8 +22,8 @@ import pytest
 
 from ic_moe_monai import segment as segment_module
 from ic_moe_monai.cli import main
+from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import writers
-from ic_moe_monai.predictor import BundleSegmenter
 from ic_moe_monai.segment import SKIPPED_BUSY, SKIPPED_EXISTS, SKIPPED_NOTHING, UsageError, segment
 
 from .conftest import REPO_ROOT

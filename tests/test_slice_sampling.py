@@ -9,8 +9,8 @@ import pytest
 import torch
 from monai.transforms import Affine
 
-from ic_moe_monai import slice_sampling
-from ic_moe_monai.slice_sampling import DeviceSliceLoader, SliceAugmentation, SliceBank, affine_warp
+from ic_moe_monai.training import slice_sampling
+from ic_moe_monai.training.slice_sampling import DeviceSliceLoader, SliceAugmentation, SliceBank, affine_warp
 from tests.sync_check import HostSyncError, NoHostSync
 
 SIZE = 16

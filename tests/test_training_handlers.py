@@ -18,12 +18,12 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointSaver
 
-import ic_moe_monai.handlers as handlers
-from ic_moe_monai.checkpoints import StampedWeights, checkpoint_info
-from ic_moe_monai.engines import WarmupCosineSchedule
+import ic_moe_monai.training.handlers as handlers
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.handlers import MLflowRunSettings, TrainingClock, TrainingSummary, TrainingTimeLimit
-from ic_moe_monai.resume import INTERRUPTED_NAME, BestMetric, TrainingCheckpoints, checkpoint_files
+from ic_moe_monai.networks.checkpoints import StampedWeights, checkpoint_info
+from ic_moe_monai.training.engines import WarmupCosineSchedule
+from ic_moe_monai.training.handlers import MLflowRunSettings, TrainingClock, TrainingSummary, TrainingTimeLimit
+from ic_moe_monai.training.resume import INTERRUPTED_NAME, BestMetric, TrainingCheckpoints, checkpoint_files
 
 from .conftest import REPO_ROOT
 
@@ -257,7 +257,7 @@ def test_mlflow_gets_the_run_settings():
 
 
 def test_unknown_window_or_modality_and_wrapped_config_errors_are_one_line():
-    from ic_moe_monai.transforms import IntensityPresetd
+    from ic_moe_monai.data.transforms import IntensityPresetd
 
     with pytest.raises(ConfigError, match="ct_window 'abdomn' is not a known window"):
         IntensityPresetd("image", modality="ct", window="abdomn")

@@ -7,7 +7,7 @@ import torch
 
 from ic_moe_monai.errors import ConfigError
 from ic_moe_monai.networks import ICMoE
-from ic_moe_monai.trunk_cache import TrunkCacheLoader, trunk_cached
+from ic_moe_monai.training.trunk_cache import TrunkCacheLoader, trunk_cached
 
 
 class CountingLoader:

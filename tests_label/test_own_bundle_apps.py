@@ -11,10 +11,10 @@ import pytest
 import requests
 import torch
 
-from ic_moe_monai.checkpoints import StampedWeights, checkpoint_info
-from ic_moe_monai.init_bundle import init_bundle
+from ic_moe_monai.bundles.initialize import init_bundle
 from ic_moe_monai.label import make_app_folder
 from ic_moe_monai.networks import ICMoE
+from ic_moe_monai.networks.checkpoints import StampedWeights, checkpoint_info
 from tests.helpers import make_ct_task
 
 from .conftest import start_server

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ic_moe_monai.data import IMAGE_SUFFIXES, case_name
+from ic_moe_monai.data.datasets import IMAGE_SUFFIXES, case_name
 
 __all__ = ["NON_IMAGE_MODALITIES", "Case", "Skipped", "check_series_geometry", "discover_cases"]
 

@@ -41,11 +41,11 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from ic_moe_monai.data.transforms import label_to_image_grid
+from ic_moe_monai.inference.predictor import label_names, read_metadata
 from ic_moe_monai.io.dicom_series import dicom_series_affine
 from ic_moe_monai.io.writers import SegmentCode, read_segment_codes, write_dicom_seg
 from ic_moe_monai.label.app import _check_id
-from ic_moe_monai.predictor import label_names, read_metadata
-from ic_moe_monai.transforms import label_to_image_grid
 
 __all__ = ["DEFAULT_CACHE_EXPIRY", "ICMoEDicomwebDatastore", "bundle_modalities", "cache_expiry", "search_filters"]
 

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from scipy.ndimage import distance_transform_edt
 
-from ic_moe_monai.inferers import channel_argmax
+from ic_moe_monai.inference.inferers import channel_argmax
+from ic_moe_monai.inference.postprocessing import keep_largest_component
+from ic_moe_monai.inference.predictor import BundleSegmenter, load_case
 from ic_moe_monai.io import Case
 from ic_moe_monai.io.guards import ImageError, check_image_file
-from ic_moe_monai.postprocessing import keep_largest_component
-from ic_moe_monai.predictor import BundleSegmenter, load_case
 
 __all__ = ["MAX_CLICKS", "MAX_PROMPTS", "ClickError", "InteractiveSegmenter", "parse_box", "parse_clicks"]
 
@@ -115,7 +115,7 @@ class InteractiveSegmenter:
 
     Args:
         bundle: the bundle folder; its network must be an :class:`~ic_moe_monai.networks.ICMoE` and its inferer a
-            :class:`~ic_moe_monai.inferers.SliceContextInferer` in ``resize`` mode.
+            :class:`~ic_moe_monai.inference.inferers.SliceContextInferer` in ``resize`` mode.
         configs: config files merged after ``inference.json``.
         device: where the network runs.
         max_images: images whose embeddings stay cached (least recently used ones are dropped).

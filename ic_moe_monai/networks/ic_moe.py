@@ -247,8 +247,9 @@ class ICMoE(nn.Module):
     fused attention (:func:`~ic_moe_monai.networks.encoder_blocks.block_forward`). With fresh experts,
     ``encode(x)`` equals ``image_encoder(x)`` up to floating-point rounding.
 
-    In ``train()`` mode :meth:`forward` returns a dict (``logits`` plus what :class:`~ic_moe_monai.losses.ICMoELoss`
-    needs); in ``eval()`` mode it returns the logits tensor alone, so MONAI inferers and tracing see a plain network.
+    In ``train()`` mode :meth:`forward` returns a dict (``logits`` plus what
+    :class:`~ic_moe_monai.training.losses.ICMoELoss` needs); in ``eval()`` mode it returns the logits tensor alone,
+    so MONAI inferers and tracing see a plain network.
 
     Args:
         num_classes: foreground classes K; the output has K + 1 channels.
@@ -633,7 +634,7 @@ class ICMoE(nn.Module):
             point_labels: ``(B, N)``: 1 foreground, 0 background, -1 padding (no point).
             boxes: optional ``(B, 4)`` boxes ``x0, y0, x1, y1`` in input pixels.
             trunk: optional ``self.trunk(self.preprocess(x))``, computed beforehand (e.g. once for many epochs of
-                training, see :class:`~ic_moe_monai.trunk_cache.TrunkCacheLoader`); the encoder then starts at
+                training, see :class:`~ic_moe_monai.training.trunk_cache.TrunkCacheLoader`); the encoder then starts at
                 block :attr:`trunk_end`.
 
         Returns:

@@ -2,7 +2,7 @@
 
 The router scores every expert for every token; the top-k experts are fused with weights renormalised over
 the selected ones (Shazeer et al. 2017; Fedus et al. 2022, "Switch Transformers"). How the router is taught
-which experts agree with the label, and how expert use is kept balanced, lives in :mod:`ic_moe_monai.losses`.
+which experts agree with the label, and how expert use is kept balanced, lives in :mod:`ic_moe_monai.training.losses`.
 """
 
 from __future__ import annotations

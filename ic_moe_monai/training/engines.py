@@ -77,7 +77,7 @@ class WarmupCosineSchedule(_MonaiWarmupCosineSchedule):
     Args:
         optimizer, warmup_steps, t_total, end_lr, cycles, last_epoch, warmup_multiplier: as MONAI's.
         clock: an object with ``seconds()`` (the training time so far, e.g.
-            :class:`~ic_moe_monai.handlers.TrainingClock`).
+            :class:`~ic_moe_monai.training.handlers.TrainingClock`).
         max_minutes: the time budget; None or ≤ 0: the schedule follows the steps only.
     """
 
@@ -281,7 +281,7 @@ class ICMoETrainer(SupervisedTrainer):
       by the next replay (clone what you keep).
     - ``decollate`` splits the output per item as MONAI does, but leaves the loss a device tensor (MONAI's
       decollation reads it on the host, which waits for the device every iteration).
-    - A data loader with ``set_epoch(epoch)`` (:class:`~ic_moe_monai.slice_sampling.DeviceSliceLoader`) is told
+    - A data loader with ``set_epoch(epoch)`` (:class:`~ic_moe_monai.training.slice_sampling.DeviceSliceLoader`) is told
       each epoch's number when it starts, so its random draws depend on the epoch (and a resumed run goes on).
 
     Args:
@@ -372,7 +372,7 @@ class ICMoETrainer(SupervisedTrainer):
             reason = "gradients are accumulated over several iterations"
         elif not all(_capturable_group(group) for group in self.optimizer.param_groups):
             reason = (
-                "the optimizer is not capturable (use ic_moe_monai.engines.adamw: fused, capturable, "
+                "the optimizer is not capturable (use ic_moe_monai.training.engines.adamw: fused, capturable, "
                 "a device-tensor learning rate)"
             )
         return None if reason is None else f"cuda_graph: training step runs eagerly: {reason}."

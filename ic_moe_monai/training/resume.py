@@ -2,7 +2,8 @@
 loaded when the same command runs again, with the best validation metric so far.
 
 - :class:`TrainingCheckpoints`: the training's checkpoint folder. After each epoch it writes
-  ``checkpoint_epoch=N.pt`` (network with its :func:`~ic_moe_monai.checkpoints.checkpoint_info`, optimiser, schedule,
+  ``checkpoint_epoch=N.pt`` (network with its :func:`~ic_moe_monai.networks.checkpoints.checkpoint_info`, optimiser,
+  schedule,
   trainer state, best metric, training time) and deletes all but the ``keep`` newest; on Ctrl-C it finishes the
   current step, writes ``checkpoint_interrupted.pt`` and stops with one line; when training starts it loads the
   newest checkpoint, unless that run had finished (``max_epochs`` or the time limit reached): then the same command
@@ -27,8 +28,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from ic_moe_monai.checkpoints import check_checkpoint
 from ic_moe_monai.errors import config_flag
+from ic_moe_monai.networks.checkpoints import check_checkpoint
 
 __all__ = ["INTERRUPTED_NAME", "BestMetric", "TrainingCheckpoints", "checkpoint_files", "latest_checkpoint"]
 
@@ -121,9 +122,9 @@ class TrainingCheckpoints:
     Args:
         ckpt_dir: the folder.
         save_dict: what a checkpoint holds, ``{name: object with state_dict() / load_state_dict()}``; the ``model``
-            entry's ``info`` (a :class:`~ic_moe_monai.checkpoints.StampedWeights`) refuses to resume a checkpoint
-            trained for other classes or preprocessing. The ``clock`` entry, if any (a
-            :class:`~ic_moe_monai.handlers.TrainingClock`), tells whether the time limit ended the run.
+            entry's ``info`` (a :class:`~ic_moe_monai.networks.checkpoints.StampedWeights`) refuses to resume a
+            checkpoint trained for other classes or preprocessing. The ``clock`` entry, if any (a
+            :class:`~ic_moe_monai.training.handlers.TrainingClock`), tells whether the time limit ended the run.
         keep: epoch checkpoints kept (the newest, by modification time; older runs' included).
         resume: load the newest checkpoint when training starts.
         map_location: for ``torch.load``.

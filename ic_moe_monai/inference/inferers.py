@@ -12,8 +12,8 @@ from monai.inferers import Inferer, sliding_window_inference
 
 from ic_moe_monai.amp import autocast, resolve_amp_dtype
 from ic_moe_monai.errors import config_flag
+from ic_moe_monai.inference.quality import QualitySignals
 from ic_moe_monai.networks.ensemble import average_predictions, mirror_flips
-from ic_moe_monai.quality import QualitySignals
 
 __all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
 
@@ -67,8 +67,8 @@ class SliceContextInferer(Inferer):
             mirrored copy is flipped back and averaged (nnU-Net's mirroring), and the output is the log of the
             average. Empty: the network's own logits.
         quality: collect each volume's quality signals while segmenting it (one softmax per slice batch, see
-            :class:`~ic_moe_monai.quality.QualitySignals`); a call leaves them in :attr:`last_signals`, one dict per
-            volume.
+            :class:`~ic_moe_monai.inference.quality.QualitySignals`); a call leaves them in :attr:`last_signals`, one
+            dict per volume.
     """
 
     def __init__(

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ic_moe_monai.amp import autocast
-from ic_moe_monai.engines import GraphedFunction
 from ic_moe_monai.errors import config_flag
-from ic_moe_monai.inferers import _logits, channel_argmax
+from ic_moe_monai.inference.inferers import _logits, channel_argmax
+from ic_moe_monai.training.engines import GraphedFunction
 
 __all__ = ["ClickPromptBatch", "device_boxes", "device_clicks", "simulate_clicks"]
 
@@ -286,7 +286,8 @@ class ClickPromptBatch:
     prompt LiteMedSAM was trained on), the rest ``points`` / ``point_labels``. When ``network`` is given, its prediction
     on the batch (one extra forward without gradients) places the first click of each slice on its error. On CUDA
     the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the
-    forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.engines.GraphedFunction`): a clicked batch
+    forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.training.engines.GraphedFunction`): a clicked
+    batch
     costs the host two graph launches (this one and the trainer's step). On the CPU, :func:`simulate_clicks` (exact
     distance transform, faster there).
 
@@ -311,7 +312,7 @@ class ClickPromptBatch:
         image_key, label_key: keys of the batch dictionary.
         forward_keys: further keys of the batch handed to the network as keyword arguments of the same name, in
             every batch (e.g. ``["trunk"]`` for the cached encoder trunk of
-            :class:`~ic_moe_monai.trunk_cache.TrunkCacheLoader`).
+            :class:`~ic_moe_monai.training.trunk_cache.TrunkCacheLoader`).
     """
 
     def __init__(

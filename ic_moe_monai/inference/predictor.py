@@ -26,16 +26,16 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from monai.utils import TraceKeys
 from torch.utils.data._utils.collate import collate, default_collate, default_collate_fn_map
 
-from ic_moe_monai.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
 from ic_moe_monai.errors import config_flag
-from ic_moe_monai.inferers import SliceContextInferer, channel_argmax
+from ic_moe_monai.inference.inferers import SliceContextInferer, channel_argmax
+from ic_moe_monai.inference.postprocessing import keep_largest_component
+from ic_moe_monai.inference.quality import CaseQuality, QualityCalibration, file_sha256, geometry_signals
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case
 from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
 from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
-from ic_moe_monai.postprocessing import keep_largest_component
-from ic_moe_monai.quality import CaseQuality, QualityCalibration, file_sha256, geometry_signals
+from ic_moe_monai.networks.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
 
 __all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",
            "read_metadata"]  # fmt: skip
@@ -71,7 +71,7 @@ class BundleSegmenter:
             options ``tta_mirror``, ``keep_largest_component`` and ``ensemble_ckpts`` of ``inference.json``).
         qc_threshold: flag a case whose estimated Dice is below it (default: the calibration's).
 
-    Each :meth:`predict` leaves the case's :class:`~ic_moe_monai.quality.CaseQuality` in :attr:`last_quality`
+    Each :meth:`predict` leaves the case's :class:`~ic_moe_monai.inference.quality.CaseQuality` in :attr:`last_quality`
     (and its signals in :attr:`last_signals`) when the bundle has a quality calibration (``quality_calibration``,
     by default ``models/quality.json``, written by ``run evaluating``); else both are ``None``.
 

@@ -11,8 +11,8 @@ size) make a bundle of their own, written in full so that every command on it ne
   modality and size, the classes, a changelog entry;
 - ``models/pretrained.pt``: with ``--from BUNDLE`` (default: the shipped bundle, for the profile it was trained
   with), that bundle's weights with what they were trained for, where training starts from
-  (:func:`~ic_moe_monai.checkpoints.load_pretrained_weights`: what fits is loaded, the class-specific parts of new
-  labels start afresh);
+  (:func:`~ic_moe_monai.networks.checkpoints.load_pretrained_weights`: what fits is loaded, the class-specific parts
+  of new labels start afresh);
 - ``docs/README.md``: a model card in the model zoo's headings, ``docs/data_license.txt``, ``LICENSE``, and
   ``large_files.yml`` where the profile needs a SAM checkpoint.
 
@@ -35,8 +35,13 @@ from typing import Any
 
 import torch
 
-from ic_moe_monai.bundle_card import model_card
-from ic_moe_monai.checkpoints import (
+from ic_moe_monai.bundles.card import model_card
+from ic_moe_monai.bundles.folders import check_new_folder, staged_folder
+from ic_moe_monai.data.datasets import check_label_names, dataset_info, find_cases, one_line_text
+from ic_moe_monai.data.transforms import CT_WINDOWS, modality_name
+from ic_moe_monai.data.transforms import ct_window as parse_ct_window
+from ic_moe_monai.errors import ConfigError
+from ic_moe_monai.networks.checkpoints import (
     checkpoint_info,
     describe_info,
     load_pretrained_weights,
@@ -45,12 +50,7 @@ from ic_moe_monai.checkpoints import (
     shipped_bundle,
     with_info,
 )
-from ic_moe_monai.data import check_label_names, dataset_info, find_cases, one_line_text
-from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.folders import check_new_folder, staged_folder
 from ic_moe_monai.networks.medsam_lite_weights import PACKAGE_WEIGHTS
-from ic_moe_monai.transforms import CT_WINDOWS, modality_name
-from ic_moe_monai.transforms import ct_window as parse_ct_window
 
 __all__ = ["PROFILES", "InitResult", "bundle_info", "init_bundle", "parse_label_names"]
 
@@ -120,7 +120,7 @@ def parse_label_names(value: Any, where: str = "--label_names") -> dict[int, str
 
     Raises:
         ConfigError: anything else, values that are not 0 … K, or names an output cannot carry
-            (:func:`~ic_moe_monai.data.check_label_names`).
+            (:func:`~ic_moe_monai.data.datasets.check_label_names`).
     """
     if isinstance(value, str):
         text = value.strip()
@@ -184,8 +184,8 @@ def _window(value: Any) -> str | list[float]:
 
 
 def bundle_info(bundle: str | Path) -> tuple[dict[str, Any], Path]:
-    """What a bundle's weights are for (:func:`~ic_moe_monai.checkpoints.checkpoint_info` from its configs) and its
-    ``models/model.pt``.
+    """What a bundle's weights are for (:func:`~ic_moe_monai.networks.checkpoints.checkpoint_info` from its configs)
+    and its ``models/model.pt``.
 
     Raises:
         ConfigError: the bundle has no ``configs/inference.json`` or no ``models/model.pt``.

@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import ic_moe_monai
-from ic_moe_monai.bundle_card import PERFORMANCE_START, fill_performance, missing_headings, performance_table
-from ic_moe_monai.checkpoints import read_state_dict
-from ic_moe_monai.data import IMAGE_SUFFIXES
+from ic_moe_monai.bundles.card import PERFORMANCE_START, fill_performance, missing_headings, performance_table
+from ic_moe_monai.bundles.folders import check_new_folder, staged_folder
+from ic_moe_monai.data.datasets import IMAGE_SUFFIXES
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.folders import check_new_folder, staged_folder
+from ic_moe_monai.networks.checkpoints import read_state_dict
 
 __all__ = ["PACKAGE", "VENDORED_NAME", "export_bundle", "package_modules", "third_party_requirements"]
 
@@ -188,7 +188,7 @@ def _read_json_object(path: Path) -> OrderedDict:
 
 # ------------------------------------------------------------------------------------------------ scripts/
 def _references(texts: Iterable[str]) -> set[str]:
-    """Dotted names under the package that config texts use (``ic_moe_monai.handlers.TrainingClock``, …)."""
+    """Dotted names under the package that config texts use (``ic_moe_monai.training.handlers.TrainingClock``, …)."""
     return {match.group(0) for text in texts for match in _REFERENCE.finditer(text)}
 
 

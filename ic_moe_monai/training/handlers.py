@@ -16,17 +16,17 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import ValidationHandler
 
-from ic_moe_monai.checkpoints import load_pretrained_weights
-from ic_moe_monai.data import case_name
+from ic_moe_monai.data.datasets import case_name
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.evaluation import case_metrics, write_reports
-from ic_moe_monai.quality import (
+from ic_moe_monai.inference.evaluation import case_metrics, write_reports
+from ic_moe_monai.inference.quality import (
     cross_validated_report,
     file_sha256,
     geometry_signals,
     label_dice,
     write_quality_report,
 )
+from ic_moe_monai.networks.checkpoints import load_pretrained_weights
 
 __all__ = [
     "CaseMetricsWriter",
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class LossTermsAverager:
-    """Average each term of :class:`~ic_moe_monai.losses.ICMoELoss` over an epoch into ``engine.state.metrics``
+    """Average each term of :class:`~ic_moe_monai.training.losses.ICMoELoss` over an epoch into ``engine.state.metrics``
     as ``loss_<term>``, so MONAI's StatsHandler, TensorBoardStatsHandler and MLFlowHandler log every term.
 
     The sums stay on the device (the loss's ``last_values``, added after every iteration) and are read once, when
@@ -430,7 +430,7 @@ class QualityCalibrationWriter:
     After each case it takes the quality signals the inferer collected (``SliceContextInferer(quality=True)``) and
     the case's true Dice per label; when the run ends it writes ``quality_vs_dice.csv`` and
     ``quality_summary.json`` (leave-one-out scores against true Dice, see
-    :func:`~ic_moe_monai.quality.cross_validated_report`) to ``output_dir``, and the calibration fitted on all
+    :func:`~ic_moe_monai.inference.quality.cross_validated_report`) to ``output_dir``, and the calibration fitted on all
     cases to ``calibration_path`` (the bundle's ``models/quality.json``, which ``segment`` and MONAI Label read).
 
     Args:

@@ -29,14 +29,15 @@ __all__ = ["TrunkCacheLoader", "trunk_cached"]
 class TrunkCacheLoader:
     """A training loader that serves batches of ``loader`` with the network's frozen trunk tokens attached.
 
-    Yields ``{"image", "label", "trunk"}``; :class:`~ic_moe_monai.clicks.ClickPromptBatch` with
+    Yields ``{"image", "label", "trunk"}``; :class:`~ic_moe_monai.training.clicks.ClickPromptBatch` with
     ``forward_keys=["trunk"]`` hands the tokens to the network. Each epoch starts by
     refreshing the bank (all of it, the first time): ``refresh × bank_size`` slices, oldest first, are replaced by
     new draws of ``loader`` (its sampling and augmentation), their trunk computed in eval mode without autograd.
     Then ``len(loader)`` steps each draw ``loader.batch_size`` slices uniformly from the bank.
 
     Args:
-        loader: the slice loader (:class:`~ic_moe_monai.slice_sampling.DeviceSliceLoader`): ``sample(generator)``,
+        loader: the slice loader (:class:`~ic_moe_monai.training.slice_sampling.DeviceSliceLoader`):
+        ``sample(generator)``,
             ``batch_size``, ``epoch_generator(epoch)``, ``len()``.
         network: the :class:`~ic_moe_monai.networks.ICMoE` being trained (DistributedDataParallel is unwrapped);
             its ``trunk_end`` must be above 0 (a frozen encoder with IC-MoE layers after its first block).
