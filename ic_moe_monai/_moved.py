@@ -103,7 +103,7 @@ def current_paths(text: str) -> str:
     """``text`` (a config) with every old module path replaced by the current one; current paths stay as they are."""
 
     def replace(match: re.Match) -> str:
-        old, after = match.group(1), text[match.end():]
+        old, after = match.group(1), text[match.end() :]
         new = _RENAMED_IN_TEXT[old]
         if old == "data" and re.match(r"\.(datasets|transforms)(?![A-Za-z0-9_])", after):
             return match.group(0)  # already ic_moe_monai.data.datasets / ic_moe_monai.data.transforms

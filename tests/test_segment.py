@@ -280,7 +280,7 @@ def test_nifti_input_needs_no_itk(tmp_path, threshold_config):
 
 def test_reused_segmenter_and_a_failed_write(tmp_path, threshold_config, monkeypatch):
     """A BundleSegmenter built once serves several calls; a case whose writing fails is reported, the rest done."""
-    from ic_moe_monai import segment as segment_module
+    from ic_moe_monai.segment import outputs as segment_outputs
     from ic_moe_monai.inference.predictor import BundleSegmenter
 
     studies = tmp_path / "studies"
@@ -288,21 +288,21 @@ def test_reused_segmenter_and_a_failed_write(tmp_path, threshold_config, monkeyp
     for i in range(3):
         _volume(studies / f"case{i}.nii.gz", seed=i, shape=(SIZE, SIZE, 5))
     predictor = BundleSegmenter(BUNDLE, [threshold_config])
-    real_write = segment_module.write_nifti_labels
+    real_write = segment_outputs.write_nifti_labels
 
     def write_or_fail(labels, affine, path):
         if Path(path).name == "case1.nii.gz":
             raise OSError("no space left on device")
         real_write(labels, affine, path)
 
-    monkeypatch.setattr(segment_module, "write_nifti_labels", write_or_fail)
+    monkeypatch.setattr(segment_outputs, "write_nifti_labels", write_or_fail)
     report = segment(str(studies), str(tmp_path / "out"), bundle=predictor, statistics=True, quiet=True)
     status = {c.name: c for c in report.cases}
     assert [status[f"case{i}"].status for i in range(3)] == ["done", "failed", "done"]
     assert "no space left on device" in status["case1"].error and status["case1"].outputs == {}
     assert not list((tmp_path / "out").glob("case1*"))  # its statistics were removed with it
     assert report.settings["batch_size"] == predictor.batch_size and report.exit_code == 1
-    monkeypatch.setattr(segment_module, "write_nifti_labels", real_write)
+    monkeypatch.setattr(segment_outputs, "write_nifti_labels", real_write)
     again = segment(str(studies), str(tmp_path / "out"), bundle=predictor, quiet=True)
     assert [c.status for c in again.cases] == ["skipped (exists)", "done", "skipped (exists)"]
     with pytest.raises(ValueError, match="cannot change"):

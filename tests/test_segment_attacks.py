@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ic_moe_monai import segment as segment_module
+from ic_moe_monai.segment import outputs as segment_outputs
 from ic_moe_monai.cli import main
 from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import writers
@@ -190,7 +190,7 @@ def test_a_failing_dicom_seg_is_a_note_and_segments_carry_the_bundle_codes(tmp_p
     def broken_seg(*args, **kwargs):
         raise ValueError("highdicom refused the frames")
 
-    monkeypatch.setattr(segment_module, "write_dicom_seg", broken_seg)
+    monkeypatch.setattr(segment_outputs, "write_dicom_seg", broken_seg)
     again = _run(tmp_path / "studies", out, threshold_config, formats="nifti,dicom_seg", statistics=True,
                  overwrite=True)  # fmt: skip
     (case,) = again.cases
