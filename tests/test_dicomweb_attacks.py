@@ -30,9 +30,8 @@ from ic_moe_monai.io.dicomweb import (
     DicomwebError,
     DicomwebSource,
     RemoteSeries,
-    find_series,
-    retrieve_series,
 )
+from ic_moe_monai.io.dicomweb_series import find_series, retrieve_series
 
 from .helpers import BUNDLE, threshold_bundle_config, write_dicom_series
 

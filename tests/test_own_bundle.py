@@ -261,7 +261,7 @@ def test_dicom_seg_names_every_label_without_codes(tmp_path):
     names leave out still gets a segment rather than failing the SEG."""
     import pydicom
 
-    from ic_moe_monai.io.writers import write_dicom_seg
+    from ic_moe_monai.io.dicom_seg import write_dicom_seg
 
     image, labels = synthetic_ct(seed=3)
     files = write_dicom_series(tmp_path / "series", np.transpose(image, (2, 1, 0)), spacing=(3.0, 3.0, 5.0),

@@ -280,8 +280,8 @@ def test_nifti_input_needs_no_itk(tmp_path, threshold_config):
 
 def test_reused_segmenter_and_a_failed_write(tmp_path, threshold_config, monkeypatch):
     """A BundleSegmenter built once serves several calls; a case whose writing fails is reported, the rest done."""
-    from ic_moe_monai.segment import outputs as segment_outputs
     from ic_moe_monai.inference.predictor import BundleSegmenter
+    from ic_moe_monai.segment import outputs as segment_outputs
 
     studies = tmp_path / "studies"
     studies.mkdir()

@@ -20,11 +20,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ic_moe_monai.segment import outputs as segment_outputs
 from ic_moe_monai.cli import main
 from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import writers
 from ic_moe_monai.segment import SKIPPED_BUSY, SKIPPED_EXISTS, SKIPPED_NOTHING, UsageError, segment
+from ic_moe_monai.segment import outputs as segment_outputs
 
 from .conftest import REPO_ROOT
 from .helpers import BUNDLE, expected_threshold_labels, threshold_bundle_config, write_dicom_series

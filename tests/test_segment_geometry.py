@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from ic_moe_monai.io import discover_cases
-from ic_moe_monai.io.writers import labels_to_dicom_frames
+from ic_moe_monai.io.dicom_seg import labels_to_dicom_frames
 from ic_moe_monai.segment import segment
 
 from .helpers import BUNDLE, OBLIQUE, expected_threshold_labels, rotation, threshold_bundle_config, write_dicom_series

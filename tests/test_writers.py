@@ -15,15 +15,8 @@ import pydicom
 import pytest
 
 from ic_moe_monai.io import discover_cases, read_dicom_series
-from ic_moe_monai.io.writers import (
-    PARTIAL_MARK,
-    atomic_output,
-    exclusive_lock,
-    read_segment_codes,
-    remove_partial_outputs,
-    run_id,
-    write_dicom_seg,
-)
+from ic_moe_monai.io.atomic import PARTIAL_MARK, atomic_output, exclusive_lock, remove_partial_outputs, run_id
+from ic_moe_monai.io.dicom_seg import read_segment_codes, write_dicom_seg
 
 from .helpers import BUNDLE, write_dicom_series
 

@@ -30,11 +30,11 @@ from ic_moe_monai.errors import config_flag
 from ic_moe_monai.inference.inferers import SliceContextInferer, channel_argmax
 from ic_moe_monai.inference.postprocessing import keep_largest_component
 from ic_moe_monai.inference.quality import CaseQuality, QualityCalibration, file_sha256, geometry_signals
+from ic_moe_monai.io.dicom_seg import SegmentCode, read_segment_codes
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case
 from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.io.readers import read_image_file
-from ic_moe_monai.io.writers import SegmentCode, read_segment_codes
 from ic_moe_monai.networks.checkpoints import CheckpointMismatchError, check_checkpoint, class_count_from_shapes
 
 __all__ = ["BundleError", "BundleSegmenter", "check_affine", "label_names", "load_case", "one_case_collate",

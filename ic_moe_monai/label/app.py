@@ -52,6 +52,7 @@ from ic_moe_monai.io.guards import (
     max_image_bytes,
     parse_bytes,
 )
+from ic_moe_monai.label.ids import check_id
 from ic_moe_monai.label.interactive import MAX_CLICKS, ClickError
 
 logger = logging.getLogger(__name__)
@@ -163,32 +164,22 @@ class SafeIdDatastore(LocalDatastore):
     """MONAI Label's local datastore, refusing image ids and label tags that would leave its folders."""
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        _check_id(image_id, "image id")
+        check_id(image_id, "image id")
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        _check_id(image_id, "image id")
-        _check_id(label_tag, "label tag")
+        check_id(image_id, "image id")
+        check_id(label_tag, "label tag")
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_image(self, image_id: str) -> None:
-        _check_id(image_id, "image id")
+        check_id(image_id, "image id")
         return super().remove_image(image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        _check_id(label_id, "label id")
-        _check_id(label_tag, "label tag")
+        check_id(label_id, "label id")
+        check_id(label_tag, "label tag")
         return super().remove_label(label_id, label_tag)
-
-
-def _check_id(value: str | None, what: str) -> None:
-    """Ids become file names in the datastore's folders: no separators, no parent references, no control bytes."""
-    if not value:
-        return
-    text = str(value)
-    if "/" in text or "\\" in text or ".." in text or any(ord(c) < 32 for c in text):
-        raise HTTPException(status_code=422, detail=f"{what} {text!r} is not allowed: it must not contain path "
-                            "separators, '..' or control characters.")  # fmt: skip
 
 
 def _image_limit(max_image_mb: str | None) -> int:

@@ -43,9 +43,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from ic_moe_monai.data.transforms import label_to_image_grid
 from ic_moe_monai.inference.predictor import label_names, read_metadata
+from ic_moe_monai.io.dicom_seg import SegmentCode, read_segment_codes, write_dicom_seg
 from ic_moe_monai.io.dicom_series import dicom_series_affine
-from ic_moe_monai.io.writers import SegmentCode, read_segment_codes, write_dicom_seg
-from ic_moe_monai.label.app import _check_id
+from ic_moe_monai.label.ids import check_id
 
 __all__ = ["DEFAULT_CACHE_EXPIRY", "ICMoEDicomwebDatastore", "bundle_modalities", "cache_expiry", "search_filters"]
 
@@ -212,8 +212,8 @@ class ICMoEDicomwebDatastore(DICOMWebDatastore):
                 and for labels that cannot be stored (empty, values that are not the bundle's labels, outside the
                 series, unreadable); 502 when the PACS does not store the SEG.
         """
-        _check_id(image_id, "image id")
-        _check_id(label_tag, "label tag")
+        check_id(image_id, "image id")
+        check_id(label_tag, "label tag")
         if image_id not in self.list_images():
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore.")
         image_uri = self.get_image_uri(image_id)  # retrieves the series when it is not cached yet
@@ -234,13 +234,13 @@ class ICMoEDicomwebDatastore(DICOMWebDatastore):
                 Path(converted).unlink(missing_ok=True)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        _check_id(label_id, "label id")
-        _check_id(label_tag, "label tag")
+        check_id(label_id, "label id")
+        check_id(label_tag, "label tag")
         super().remove_label(label_id, label_tag)
         self.forget_lists()
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        _check_id(image_id, "image id")
+        check_id(image_id, "image id")
         return super().add_image(image_id, image_filename, image_info)
 
     def _store_seg(self, image_id: str, label_file: str) -> str:

@@ -18,15 +18,12 @@ from monai.data import MetaTensor
 
 from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import Case, Skipped, discover_cases
+from ic_moe_monai.io.atomic import exclusive_lock, run_id
 from ic_moe_monai.io.dicomweb import (
     DicomwebClient,
     is_dicomweb_url,
 )
 from ic_moe_monai.io.saving import BackgroundWriter
-from ic_moe_monai.io.writers import (
-    exclusive_lock,
-    run_id,
-)
 
 try:  # progress bars are a convenience: without tqdm the run is the same, silent
     from tqdm import tqdm

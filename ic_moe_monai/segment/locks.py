@@ -9,10 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ic_moe_monai.io import Case
-from ic_moe_monai.io.writers import (
-    NAME_MAX,
-    exclusive_lock,
-)
+from ic_moe_monai.io.atomic import NAME_MAX, exclusive_lock
 from ic_moe_monai.segment.errors import OutputError, os_reason
 from ic_moe_monai.segment.report import SKIPPED_BUSY, SKIPPED_EXISTS, CaseResult
 from ic_moe_monai.segment.run_state import JobContext

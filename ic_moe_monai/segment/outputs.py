@@ -15,23 +15,11 @@ from monai.data import MetaTensor
 
 from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import Case
-from ic_moe_monai.io.dicomweb import (
-    DicomwebClient,
-    DicomwebError,
-    stored_receipt,
-)
-from ic_moe_monai.io.writers import (
-    PARTIAL_MARK,
-    atomic_output,
-    exclusive_lock,
-    label_statistics,
-    remove_partial_outputs,
-    run_id,
-    write_dicom_seg,
-    write_nifti_labels,
-    write_preview,
-    write_statistics,
-)
+from ic_moe_monai.io.atomic import PARTIAL_MARK, atomic_output, exclusive_lock, remove_partial_outputs, run_id
+from ic_moe_monai.io.dicom_seg import write_dicom_seg
+from ic_moe_monai.io.dicomweb import DicomwebClient, DicomwebError
+from ic_moe_monai.io.dicomweb_series import stored_receipt
+from ic_moe_monai.io.writers import label_statistics, write_nifti_labels, write_preview, write_statistics
 from ic_moe_monai.segment.errors import OutputError, one_line, os_reason
 from ic_moe_monai.segment.locks import CASE_LOCK, REPORT_LOCK
 from ic_moe_monai.segment.options import UsageError

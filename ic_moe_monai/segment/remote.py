@@ -12,14 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ic_moe_monai.io import Skipped
-from ic_moe_monai.io.dicomweb import (
-    DicomwebClient,
-    DicomwebError,
-    DicomwebSource,
-    find_series,
-    redact,
-    retrieve_series,
-)
+from ic_moe_monai.io.dicomweb import DicomwebClient, DicomwebError, DicomwebSource, redact
+from ic_moe_monai.io.dicomweb_series import find_series, retrieve_series
 from ic_moe_monai.io.guards import ImageError
 from ic_moe_monai.segment.loader import progress_bar
 from ic_moe_monai.segment.options import UsageError

@@ -12,10 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ic_moe_monai.io.writers import (
-    atomic_output,
-    statistics_csv,
-)
+from ic_moe_monai.io.atomic import atomic_output
+from ic_moe_monai.io.writers import statistics_csv
 from ic_moe_monai.segment.errors import first_line, os_reason
 
 logger = logging.getLogger(__package__)
