@@ -22,7 +22,7 @@ import re
 import sys
 from types import ModuleType
 
-__all__ = ["MOVED_MODULES", "MovedModuleFinder", "current_paths", "install", "moved_attribute"]
+__all__ = ["MOVED_MODULES", "MOVED_NAMES", "MovedModuleFinder", "current_paths", "install", "moved_attribute"]
 
 PACKAGE = "ic_moe_monai"
 
@@ -96,6 +96,14 @@ def moved_attribute(name: str) -> ModuleType:
     raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
 
 
+# names that left their module when it was split: old dotted path (under the package) -> new one
+MOVED_NAMES: dict[str, str] = {
+    **{f"checkpoints.{name}": f"networks.fine_tuning.{name}"
+       for name in ("FineTuneReport", "load_pretrained_weights", "read_state_dict")},
+    **{f"io.dicomweb.{name}": f"io.dicomweb_series.{name}"
+       for name in ("find_series", "retrieve_series", "stored_receipt")},
+}  # fmt: skip
+_OLD_NAME = re.compile(rf"\b{PACKAGE}\.({'|'.join(re.escape(n) for n in MOVED_NAMES)})(?![A-Za-z0-9_])")
 _OLD_PATH = re.compile(rf"\b{PACKAGE}\.({'|'.join(_RENAMED_IN_TEXT)})(?![A-Za-z0-9_])")
 
 
@@ -109,4 +117,5 @@ def current_paths(text: str) -> str:
             return match.group(0)  # already ic_moe_monai.data.datasets / ic_moe_monai.data.transforms
         return f"{PACKAGE}.{new}"
 
+    text = _OLD_NAME.sub(lambda m: f"{PACKAGE}.{MOVED_NAMES[m.group(1)]}", text)
     return _OLD_PATH.sub(replace, text)

@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import ic_moe_monai
+from ic_moe_monai._moved import current_paths
 from ic_moe_monai.bundles.card import PERFORMANCE_START, fill_performance, missing_headings, performance_table
 from ic_moe_monai.bundles.folders import check_new_folder, staged_folder
 from ic_moe_monai.data.datasets import IMAGE_SUFFIXES
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.networks.checkpoints import read_state_dict
+from ic_moe_monai.networks.fine_tuning import read_state_dict
 
 __all__ = ["PACKAGE", "VENDORED_NAME", "export_bundle", "package_modules", "third_party_requirements"]
 
@@ -99,7 +100,8 @@ def export_bundle(
     metadata = _read_json_object(bundle / "configs" / "metadata.json")
     eval_metrics, summary = _eval_metrics(bundle, metrics, metadata)
     configs = sorted(p for p in (bundle / "configs").iterdir() if _shipped(p, bundle, (".json", ".conf")))
-    contents = {p.name: _read_text(p) for p in configs}
+    # a bundle made before the package was arranged by stage names the old module paths: export the current ones
+    contents = {p.name: current_paths(_read_text(p)) for p in configs}
     exported = {name: _exported_config(text, bundle / "configs" / name) for name, text in contents.items()}
     read_state_dict(_inside(bundle / "models" / "model.pt", bundle), mmap=True)
     modules = package_modules(_references(contents.values()))

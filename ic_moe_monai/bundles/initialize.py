@@ -11,7 +11,7 @@ size) make a bundle of their own, written in full so that every command on it ne
   modality and size, the classes, a changelog entry;
 - ``models/pretrained.pt``: with ``--from BUNDLE`` (default: the shipped bundle, for the profile it was trained
   with), that bundle's weights with what they were trained for, where training starts from
-  (:func:`~ic_moe_monai.networks.checkpoints.load_pretrained_weights`: what fits is loaded, the class-specific parts
+  (:func:`~ic_moe_monai.networks.fine_tuning.load_pretrained_weights`: what fits is loaded, the class-specific parts
   of new labels start afresh);
 - ``docs/README.md``: a model card in the model zoo's headings, ``docs/data_license.txt``, ``LICENSE``, and
   ``large_files.yml`` where the profile needs a SAM checkpoint.
@@ -41,15 +41,8 @@ from ic_moe_monai.data.datasets import check_label_names, dataset_info, find_cas
 from ic_moe_monai.data.transforms import CT_WINDOWS, modality_name
 from ic_moe_monai.data.transforms import ct_window as parse_ct_window
 from ic_moe_monai.errors import ConfigError
-from ic_moe_monai.networks.checkpoints import (
-    checkpoint_info,
-    describe_info,
-    load_pretrained_weights,
-    read_info,
-    read_state_dict,
-    shipped_bundle,
-    with_info,
-)
+from ic_moe_monai.networks.checkpoints import checkpoint_info, describe_info, read_info, shipped_bundle, with_info
+from ic_moe_monai.networks.fine_tuning import load_pretrained_weights, read_state_dict
 from ic_moe_monai.networks.medsam_lite_weights import PACKAGE_WEIGHTS
 
 __all__ = ["PROFILES", "InitResult", "bundle_info", "init_bundle", "parse_label_names"]

@@ -26,7 +26,7 @@ from ic_moe_monai.inference.quality import (
     label_dice,
     write_quality_report,
 )
-from ic_moe_monai.networks.checkpoints import load_pretrained_weights
+from ic_moe_monai.networks.fine_tuning import load_pretrained_weights
 
 __all__ = [
     "CaseMetricsWriter",
