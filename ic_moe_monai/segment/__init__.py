@@ -4,9 +4,8 @@ Cases are found by :func:`ic_moe_monai.io.discover_cases` (image files and DICOM
 is loaded after its header passed the size and shape guard (DICOM series by pydicom, in ITK's geometry; ITK is
 imported only for NRRD and MHA), preprocessed, segmented and inverted by the bundle runtime
 (:class:`~ic_moe_monai.inference.predictor.BundleSegmenter`: the bundle's own ``preprocessing``, ``inferer`` and
-weights, on
-the GPU when there is one), and written in the input's geometry: a NIfTI labelmap and, on request, a DICOM SEG,
-label statistics and a preview image. Reading and writing overlap with segmenting: the next case is loaded in a
+weights, on the GPU when there is one), and written in the input's geometry: a NIfTI labelmap and, on request, a DICOM
+SEG, label statistics and a preview image. Reading and writing overlap with segmenting: the next case is loaded in a
 background thread, and the finished one is written by another.
 
 What protects the data:

@@ -285,9 +285,8 @@ class ClickPromptBatch:
     trained): a share ``box_prob`` of those a ``boxes`` keyword argument for the network (:func:`device_boxes`, the
     prompt LiteMedSAM was trained on), the rest ``points`` / ``point_labels``. When ``network`` is given, its prediction
     on the batch (one extra forward without gradients) places the first click of each slice on its error. On CUDA
-    the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the
-    forward and the clicks run as one CUDA graph (:class:`~ic_moe_monai.training.engines.GraphedFunction`): a clicked
-    batch
+    the clicks are made on the device by :func:`device_clicks`, without a host sync, and with ``cuda_graph`` the forward
+    and the clicks run as one CUDA graph (:class:`~ic_moe_monai.training.engines.GraphedFunction`): a clicked batch
     costs the host two graph launches (this one and the trainer's step). On the CPU, :func:`simulate_clicks` (exact
     distance transform, faster there).
 

@@ -3,9 +3,8 @@ loaded when the same command runs again, with the best validation metric so far.
 
 - :class:`TrainingCheckpoints`: the training's checkpoint folder. After each epoch it writes
   ``checkpoint_epoch=N.pt`` (network with its :func:`~ic_moe_monai.networks.checkpoints.checkpoint_info`, optimiser,
-  schedule,
-  trainer state, best metric, training time) and deletes all but the ``keep`` newest; on Ctrl-C it finishes the
-  current step, writes ``checkpoint_interrupted.pt`` and stops with one line; when training starts it loads the
+  schedule, trainer state, best metric, training time) and deletes all but the ``keep`` newest; on Ctrl-C it finishes
+  the current step, writes ``checkpoint_interrupted.pt`` and stops with one line; when training starts it loads the
   newest checkpoint, unless that run had finished (``max_epochs`` or the time limit reached): then the same command
   trains anew, as MONAI Label's ``/train`` expects.
 - :class:`BestMetric`: the best validation metric (value and epoch) of the evaluator and of MONAI's key-metric

@@ -37,8 +37,7 @@ class TrunkCacheLoader:
 
     Args:
         loader: the slice loader (:class:`~ic_moe_monai.training.slice_sampling.DeviceSliceLoader`):
-        ``sample(generator)``,
-            ``batch_size``, ``epoch_generator(epoch)``, ``len()``.
+            ``sample(generator)``, ``batch_size``, ``epoch_generator(epoch)``, ``len()``.
         network: the :class:`~ic_moe_monai.networks.ICMoE` being trained (DistributedDataParallel is unwrapped);
             its ``trunk_end`` must be above 0 (a frozen encoder with IC-MoE layers after its first block).
         bank_size: slices in the bank, at most (and by default) two epochs' worth.
