@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the `gpu` tests, the README's bundle commands on CUDA (torchrun with NCCL included) and the GPU
-# benchmarks behind the README's GPU table, in one run of under 10 minutes on one GPU. Logs and JSON results go to
-# $OUT (default gpu_check_out/).
+# benchmarks (their numbers go to docs/performance.md), in one run of under 10 minutes on one GPU. Logs and JSON
+# results go to $OUT (default gpu_check_out/).
 #
 #   bash benchmarks/gpu_check.sh [stage ...]    stages: tests commands ddp train segment network compile
 #                                               (default: all but compile)

@@ -18,11 +18,11 @@ from ic_moe_monai.networks.checkpoints import (
     StampedWeights,
     check_checkpoint,
     checkpoint_info,
-    load_pretrained_weights,
     read_info,
     refuse_shipped_model,
     with_info,
 )
+from ic_moe_monai.networks.fine_tuning import load_pretrained_weights
 
 from .helpers import BUNDLE
 

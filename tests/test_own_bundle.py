@@ -303,6 +303,7 @@ def test_export_of_the_shipped_bundle_is_zoo_shaped(tmp_path):
     assert metadata["torchscript"]["script"] is False and metadata["torchscript"]["trace"] is True
     card = (out / "docs" / "README.md").read_text()
     assert not missing_headings(card) and "torch.jit.script" in card
+    assert "](../" not in card and "the project's `docs/pacs.md`" in card  # no link out of the copy
     listed = (out / "large_files.yml").read_text()
     assert f'hash_val: "{_md5(BUNDLE / "models" / "model.pt")}"' in listed and "models/model.pt" in listed
     assert (out / "scripts" / "networks" / "ic_moe.py").is_file() and (out / "sample_data").is_dir()

@@ -390,7 +390,22 @@ def _finish_card(out: Path, bundle: Path, metadata: Mapping[str, Any], summary: 
             f"From `{summary['_source']}` of the bundle's evaluation ({summary['_cases']} cases, MONAI convention)."
         )
         card = fill_performance(card, performance_table(summary, names, source))
-    card_path.write_text(card)
+    card_path.write_text(_without_outside_links(card))
+
+
+# a Markdown link whose target leaves the bundle (the repository's docs/ pages, seen from bundle/docs/)
+_OUTSIDE_LINK = re.compile(r"\[([^\]]+)\]\((?:\.\./){2,}([^)\s]+)\)")
+
+
+def _without_outside_links(card: str) -> str:
+    """Links of the card to pages outside the bundle, which the copy does not hold, as plain text naming the page
+    (``the project's docs/pacs.md``)."""
+
+    def plain(match: re.Match) -> str:
+        text, target = match.group(1), match.group(2)
+        return text if text.strip("`") == target else f"{text} (the project's `{target}`)"
+
+    return _OUTSIDE_LINK.sub(plain, card)
 
 
 def _channel_def(metadata: Mapping[str, Any], path: Path) -> dict[int, str]:
