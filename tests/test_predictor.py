@@ -206,3 +206,32 @@ def test_run_inference_evaluator_under_cuda_autocast_policy(tmp_path, small_case
     emulated = np.asarray(nib.load(tmp_path / "amp" / "slab.nii.gz").dataobj)
     assert emulated.shape == reference.shape == (34, 52, 5) and len(np.unique(reference)) == 3
     assert (emulated == reference).mean() > 0.99, (emulated == reference).mean()
+
+
+def test_uncertainty_is_one_minus_the_top_probability_in_the_input_geometry(tmp_path):
+    """``predict(uncertainty=True)``: 255 × (1 - max softmax) / (1 - 1/C) per voxel, where the labels are."""
+    import nibabel as nib
+    import torch
+
+    from ic_moe_monai.data.transforms import IntensityPresetd
+
+    from .helpers import ThresholdNet, threshold_bundle_config
+
+    config = threshold_bundle_config(tmp_path, img_size=16)
+    data = np.random.default_rng(2).integers(0, 1000, (16, 16, 7)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([-0.8, -0.8, 2.0, 1.0])), tmp_path / "lps.nii")
+    predictor = BundleSegmenter(BUNDLE, [str(config)])
+    data_in = predictor.preprocess(load_case(Case(name="lps", kind="image", path=tmp_path / "lps.nii")))
+    predictor.predict(data_in)
+    assert predictor.last_uncertainty is None  # only on request
+    labels = predictor.predict(data_in, uncertainty=True)
+    unsure = predictor.last_uncertainty
+    assert unsure.dtype == np.uint8 and unsure.shape == tuple(labels.shape[1:])
+    scaled = IntensityPresetd("image", modality="mr")({"image": torch.from_numpy(data[None].astype(np.float32))})
+    slices = torch.as_tensor(np.asarray(scaled["image"]))[0].permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
+    with torch.no_grad():
+        logits = ThresholdNet()(slices.repeat(1, 3, 1, 1))
+    top = torch.softmax(logits, dim=1).amax(dim=1).permute(1, 2, 0).numpy()
+    expected = np.round((1 - top) * 255 * 3 / 2)
+    np.testing.assert_allclose(unsure, expected, atol=1)
+    assert unsure.max() > 64 and (unsure == 0).mean() > 0.5  # unsure only near the two thresholds

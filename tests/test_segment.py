@@ -86,13 +86,24 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tmp_path, threshold_config)
     assert report.exit_code == 1 and report.not_segmented[0]["reason"] == "no image files or DICOM series found"
 
 
-def test_statistics_and_preview(tmp_path, threshold_config):
+def test_statistics_and_preview(tmp_path, threshold_config, monkeypatch):
+    from ic_moe_monai.segment import outputs as segment_outputs
+
     studies = tmp_path / "studies"
     studies.mkdir()
     affine = np.diag([-0.8, 0.9, 2.5, 1.0])  # voxel volume 1.8 mm³
     data = _volume(studies / "case.nii.gz", affine=affine)
+    drawn = []
+    real_preview = segment_outputs.write_preview
+
+    def recording_preview(image, labels, *args, uncertainty=None, **kwargs):
+        drawn.append(uncertainty)
+        return real_preview(image, labels, *args, uncertainty=uncertainty, **kwargs)
+
+    monkeypatch.setattr(segment_outputs, "write_preview", recording_preview)
     report = _run(studies, tmp_path / "out", threshold_config, statistics=True, preview=True, num_workers=0)
     assert report.exit_code == 0
+    assert len(drawn) == 1 and drawn[0].shape == data.shape and drawn[0].max() > 0  # where the network was unsure
     outputs = report.cases[0].outputs
     labels = expected_threshold_labels(data)
     stats = json.loads(Path(outputs["statistics_json"]).read_text())

@@ -161,3 +161,25 @@ def test_segment_codes_in_metadata_are_checked():
     with pytest.raises(ValueError, match=r"segment_codes\['1'\].type: a code needs 'code', 'scheme' and 'meaning'"):
         read_segment_codes({"segment_codes": {"1": {"category": {"code": "1", "scheme": "SCT", "meaning": "x"},
                                                      "type": {"code": "2"}}}})  # fmt: skip
+
+
+def test_preview_marks_where_the_network_is_unsure(tmp_path):
+    """A checkerboard of the unsure colour where the uncertainty reaches the threshold, and a legend entry."""
+    from PIL import Image
+
+    from ic_moe_monai.io import writers
+
+    image = np.zeros((20, 20, 20), np.float32)
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[5:15, 5:15, 5:15] = 1
+    unsure = np.zeros((20, 20, 20), np.uint8)
+    unsure[:10] = 255  # the patient's left half (RAS x < 10): drawn on the right of the axial view
+    writers.write_preview(image, labels, np.eye(4), tmp_path / "sure.png", {0: "background", 1: "organ"}, height=100)
+    writers.write_preview(image, labels, np.eye(4), tmp_path / "unsure.png", {0: "background", 1: "organ"},
+                          height=100, uncertainty=unsure)  # fmt: skip
+    sure = np.asarray(Image.open(tmp_path / "sure.png").convert("RGB")).astype(int)
+    marked = np.asarray(Image.open(tmp_path / "unsure.png").convert("RGB")).astype(int)
+    white = (marked[:100].min(axis=-1) > 200) & (sure[:100].min(axis=-1) < 200)
+    axial = white[:, :100]
+    assert axial[:, 50:].mean() > 0.3 and axial[:, :50].sum() == 0
+    assert (marked[100:] != sure[100:]).any()  # the legend names it

@@ -15,7 +15,7 @@ from ic_moe_monai.errors import config_flag
 from ic_moe_monai.inference.quality import QualitySignals
 from ic_moe_monai.networks.ensemble import average_predictions, mirror_flips
 
-__all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack"]
+__all__ = ["SliceContextInferer", "channel_argmax", "neighbor_stack", "uncertainty_map"]
 
 Progress = Callable[[int, int], None]
 
@@ -113,6 +113,7 @@ class SliceContextInferer(Inferer):
         self.flips = mirror_flips(mirror_axes)
         self.quality = config_flag(quality, "quality")
         self.last_signals: list[dict] = []
+        self.last_uncertainty: list[torch.Tensor] = []
 
     def __call__(
         self,
@@ -121,6 +122,7 @@ class SliceContextInferer(Inferer):
         *args: Any,
         progress: Progress | None = None,
         mirror: bool = True,
+        uncertainty: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
         """inputs ``(B, 1, X, Y, Z)`` → logits ``(B, K+1, X, Y, Z)`` (float32), or labels ``(B, 1, X, Y, Z)`` (uint8)
@@ -132,6 +134,8 @@ class SliceContextInferer(Inferer):
             progress: called with ``(slices done, slices in the volume)`` after each batch.
             mirror: False skips the test-time mirroring of ``mirror_axes`` for this call (e.g. when the network
                 records what it sees).
+            uncertainty: with ``argmax``, also leave each volume's :func:`uncertainty_map` ``(1, X, Y, Z)`` (uint8,
+                at the input's size) in :attr:`last_uncertainty`, computed batch by batch from the logits.
         """
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"SliceContextInferer expects a (B, 1, X, Y, Z) volume, got {tuple(inputs.shape)}.")
@@ -142,7 +146,8 @@ class SliceContextInferer(Inferer):
         volumes = volumes.movedim(2 + self.slice_axis, -1)  # slices last (a view)
         report = progress if progress is not None else self.progress
         run = _Run(network, args, kwargs, sw_device, device, report, self.flips if mirror else [()])
-        self.last_signals = []
+        run.uncertainty = bool(uncertainty and self.argmax)
+        self.last_signals, self.last_uncertainty = [], []
         outputs = [self._volume(v[0], run) for v in volumes]
         output = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs, dim=0)  # no copy for one volume
         return output.movedim(-1, 2 + self.slice_axis)
@@ -150,6 +155,7 @@ class SliceContextInferer(Inferer):
     def _volume(self, volume: torch.Tensor, run: _Run) -> torch.Tensor:
         depth = volume.shape[-1]
         result: torch.Tensor | None = None
+        unsure: torch.Tensor | None = None
         run.signals = QualitySignals() if self.quality else None
         for start in range(0, depth, self.batch_size):
             run.first_slice = start
@@ -160,10 +166,16 @@ class SliceContextInferer(Inferer):
             if result is None:
                 result = _slice_major(out.shape[1], volume.shape, out.dtype, run.device)
             result[..., start : start + len(indices)] = out.permute(1, 2, 3, 0)
+            if run.uncertainty:
+                if unsure is None:
+                    unsure = _slice_major(1, volume.shape, torch.uint8, run.device)
+                unsure[..., start : start + len(indices)] = run.unsure.to(run.device).permute(1, 2, 3, 0)
             if run.progress is not None:
                 run.progress(start + len(indices), depth)
         if run.signals is not None:
             self.last_signals.append(run.signals.result())
+        if unsure is not None:
+            self.last_uncertainty.append(unsure.movedim(-1, 1 + self.slice_axis))
         return result
 
     def _predict(self, stack: torch.Tensor, run: _Run) -> torch.Tensor:
@@ -180,20 +192,34 @@ class SliceContextInferer(Inferer):
                     mode="gaussian",
                 )
                 run.record(stack, logits, tuple(stack.shape[-2:]))
-                return channel_argmax(logits) if self.argmax else logits.float()
+                return self._labels(logits, run) if self.argmax else logits.float()
             native = tuple(stack.shape[-2:])
             if native != size:
                 stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False)
             logits = run.predict(stack)
             run.record(stack, logits, native)
         if native == size:
-            return channel_argmax(logits) if self.argmax else logits.float()
+            return self._labels(logits, run) if self.argmax else logits.float()
         if not self.argmax:
             return _resize(logits, native)
         # full-resolution logits for a bounded number of slices at a time: batch size does not set the peak memory
         per_slice = logits.shape[1] * native[0] * native[1] * 4
         step = max(1, self.chunk_bytes // per_slice)
-        return torch.cat([channel_argmax(_resize(part, native)) for part in logits.split(step)])
+        labels, unsure = [], []
+        for part in logits.split(step):
+            labels.append(self._labels(_resize(part, native), run))
+            unsure.append(run.unsure)
+        if run.uncertainty:
+            run.unsure = torch.cat(unsure)
+        return torch.cat(labels)
+
+    @staticmethod
+    def _labels(logits: torch.Tensor, run: _Run) -> torch.Tensor:
+        """The labels of full-resolution ``logits``; with ``run.uncertainty``, their :func:`uncertainty_map` into
+        ``run.unsure``."""
+        if run.uncertainty:
+            run.unsure = uncertainty_map(logits)
+        return channel_argmax(logits)
 
 
 class _Run:
@@ -205,6 +231,8 @@ class _Run:
         self.sw_device, self.device, self.flips = sw_device, device, flips
         self.signals: QualitySignals | None = None
         self.first_slice = 0
+        self.uncertainty = False  # also make the uncertainty map of each batch (into ``unsure``)
+        self.unsure: torch.Tensor | None = None
 
     def record(self, stack: torch.Tensor, logits: torch.Tensor, native: tuple[int, ...]) -> None:
         """Add a batch to the volume's quality signals, when they are collected."""
@@ -227,6 +255,18 @@ def _slice_major(channels: int, shape: torch.Size, dtype: torch.dtype, device: t
 
 def _resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def uncertainty_map(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Where the network is unsure: ``(B, C, ...)`` logits (or log-probabilities) → ``(B, 1, ...)`` uint8,
+    ``255 × (1 - max softmax) / (1 - 1/C)``: 0 where one class has all the probability, 255 where all have the same.
+    Computed ``chunk`` items of the batch at a time, so that no float copy of all the logits is made."""
+    scale = 255.0 * logits.shape[1] / max(logits.shape[1] - 1, 1)
+    out = torch.empty((logits.shape[0], 1, *logits.shape[2:]), dtype=torch.uint8, device=logits.device)
+    for start in range(0, logits.shape[0], chunk):
+        top = torch.softmax(logits[start : start + chunk].float(), dim=1).amax(dim=1, keepdim=True)
+        out[start : start + chunk] = ((1.0 - top) * scale).round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def channel_argmax(logits: torch.Tensor) -> torch.Tensor:

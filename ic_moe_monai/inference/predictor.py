@@ -27,7 +27,7 @@ from monai.utils import TraceKeys
 from torch.utils.data._utils.collate import collate, default_collate, default_collate_fn_map
 
 from ic_moe_monai.errors import config_flag
-from ic_moe_monai.inference.inferers import SliceContextInferer, channel_argmax
+from ic_moe_monai.inference.inferers import SliceContextInferer, channel_argmax, uncertainty_map
 from ic_moe_monai.inference.postprocessing import keep_largest_component
 from ic_moe_monai.inference.quality import CaseQuality, QualityCalibration, file_sha256, geometry_signals
 from ic_moe_monai.io.dicom_seg import SegmentCode, read_segment_codes
@@ -138,6 +138,7 @@ class BundleSegmenter:
         self.qc_threshold = qc_threshold
         self.last_quality: CaseQuality | None = None
         self.last_signals: dict[str, Any] | None = None
+        self.last_uncertainty: np.ndarray | None = None
 
     def load_weights(self) -> None:
         """(Re)load the checkpoint into the network, e.g. after a training run replaced it.
@@ -173,19 +174,24 @@ class BundleSegmenter:
         """The bundle's preprocessing of a loaded ``(X, Y, Z)`` image (a channel is added), on ``device``."""
         return self.preprocessing({"image": image})
 
-    def predict(self, data: Mapping[str, Any], progress: Progress | None = None) -> MetaTensor:
+    def predict(
+        self, data: Mapping[str, Any], progress: Progress | None = None, uncertainty: bool = False
+    ) -> MetaTensor:
         """Labels ``(1, X, Y, Z)`` (uint8, on the CPU) of a preprocessed case, in the loaded image's geometry.
 
         Args:
             data: :meth:`preprocess`'s output.
             progress: called with ``(slices done, slices)`` after each batch of slices.
+            uncertainty: also leave where the network is unsure in :attr:`last_uncertainty`: ``(X, Y, Z)`` uint8 in
+                the same geometry, 0 where one class has all the probability, 255 where all classes have the same
+                (``1 - max softmax``, scaled by its largest possible value ``1 - 1/C``). For the preview.
         """
         image = data["image"]
-        self.last_quality = self.last_signals = None
+        self.last_quality = self.last_signals = self.last_uncertainty = None
         with torch.inference_mode():
             inputs = image[None].to(self.device)  # a no-op when the preprocessing put it there already
             if isinstance(self.inferer, SliceContextInferer):
-                output = self.inferer(inputs, self.prediction_network, progress=progress)
+                output = self.inferer(inputs, self.prediction_network, progress=progress, uncertainty=uncertainty)
             else:
                 output = self.inferer(inputs, self.prediction_network)
             output = output.as_tensor() if isinstance(output, MetaTensor) else output
@@ -193,8 +199,24 @@ class BundleSegmenter:
             pred = MetaTensor(labels.to(torch.uint8), meta=dict(image.meta),
                               applied_operations=list(image.applied_operations))  # fmt: skip
             inverted = self.inverter({**data, "pred": pred})["pred"].cpu()  # the only transfer back: uint8 labels
+            if uncertainty:
+                self.last_uncertainty = self._inverted_uncertainty(data, output)
         self.assess_last(image)
         return keep_largest_component(inverted) if self.keep_largest_component else inverted
+
+    def _inverted_uncertainty(self, data: Mapping[str, Any], output: torch.Tensor) -> np.ndarray | None:
+        """The uncertainty map of the last volume in the loaded image's geometry: from the logits, or from the
+        inferer, which makes it batch by batch when it returns labels."""
+        if output.shape[1] > 1:
+            unsure = _volume_uncertainty(output[0])
+        else:
+            made = getattr(self.inferer, "last_uncertainty", None)
+            if not made:
+                return None
+            unsure = made[0]
+        image = data["image"]
+        unsure = MetaTensor(unsure, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        return np.asarray(self.inverter({**data, "pred": unsure})["pred"].cpu()[0])
 
     def assess_last(self, image: MetaTensor) -> CaseQuality | None:
         """The quality of the inferer's last volume, ``image`` (preprocessed), into :attr:`last_quality` and
@@ -210,6 +232,12 @@ class BundleSegmenter:
     def __call__(self, image: MetaTensor, progress: Progress | None = None) -> MetaTensor:
         """Labels ``(1, X, Y, Z)`` of a loaded image: :meth:`preprocess`, then :meth:`predict`."""
         return self.predict(self.preprocess(image), progress)
+
+
+def _volume_uncertainty(scores: torch.Tensor) -> torch.Tensor:
+    """:func:`~ic_moe_monai.inference.inferers.uncertainty_map` of one volume's ``(C, X, Y, Z)`` logits, slice by
+    slice (slices as the batch), as ``(1, X, Y, Z)``."""
+    return uncertainty_map(scores.movedim(-1, 0)).movedim(0, -1)  # (Z, C, X, Y) → (Z, 1, X, Y) → (1, X, Y, Z)
 
 
 def _quality_calibration(bundle: Path, parser: ConfigParser, checkpoint: Path) -> QualityCalibration | None:

@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 # Overlay colours of labels 1, 2, ... (RGB), repeated when there are more labels.
+# Where the network is unsure (``uncertainty`` of at least UNSURE_FROM of 255: the top class has less than 87.5 % of
+# the probability with 2 classes, 83 % with 3): a checkerboard of this colour over the labels, unlike any tissue.
+UNSURE_COLOUR, UNSURE_FROM = (255, 255, 255), 64
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
 
@@ -126,12 +129,16 @@ def write_preview(
     height: int = 256,
     caption: str = "",
     alert: bool = False,
+    uncertainty: np.ndarray | None = None,
 ) -> None:
     """A PNG with axial, coronal and sagittal slices through the labelled region, labels overlaid in colour.
 
     Views are in radiological convention (patient right on the image left, anterior and superior up), with the
     physical aspect ratio, each ``height`` pixels high, and a legend of the label names, followed by ``caption``
-    (e.g. the quality score), in red with ``alert`` (a case flagged for review).
+    (e.g. the quality score), in red with ``alert`` (a case flagged for review). ``uncertainty`` (``(X, Y, Z)``
+    uint8 in the labels' geometry, 0 sure … 255 unsure, see ``BundleSegmenter.predict``) is drawn in
+    :data:`UNSURE_COLOUR` where it reaches :data:`UNSURE_FROM`, the more opaque the more unsure: where a reviewer
+    should look first.
     """
     import nibabel as nib
 
@@ -143,13 +150,17 @@ def write_preview(
     centre = _label_centre(ras_labels)
     low, high = np.percentile(ras_image, [1, 99])
     gray = np.clip((ras_image - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    unsure = None if uncertainty is None else nib.orientations.apply_orientation(uncertainty, orientation)
     views = [  # (image rows, image columns), row/column spacings
-        (gray[::-1, ::-1, centre[2]].T, ras_labels[::-1, ::-1, centre[2]].T, spacing[1], spacing[0]),  # axial
-        (gray[::-1, centre[1], ::-1].T, ras_labels[::-1, centre[1], ::-1].T, spacing[2], spacing[0]),  # coronal
-        (gray[centre[0], ::-1, ::-1].T, ras_labels[centre[0], ::-1, ::-1].T, spacing[2], spacing[1]),  # sagittal
+        (lambda v: v[::-1, ::-1, centre[2]].T, spacing[1], spacing[0]),  # axial
+        (lambda v: v[::-1, centre[1], ::-1].T, spacing[2], spacing[0]),  # coronal
+        (lambda v: v[centre[0], ::-1, ::-1].T, spacing[2], spacing[1]),  # sagittal
     ]
-    panels = [_overlay(g, lab, dr, dc, height) for g, lab, dr, dc in views]
+    panels = [_overlay(cut(gray), cut(ras_labels), dr, dc, height, None if unsure is None else cut(unsure))
+              for cut, dr, dc in views]  # fmt: skip
     legend = [(PALETTE[(v - 1) % len(PALETTE)], n) for v, n in sorted(label_names.items()) if v != 0]
+    if unsure is not None:
+        legend.append((UNSURE_COLOUR, "unsure"))
     canvas = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), height + 16), (0, 0, 0))
     x = 0
     for panel in panels:
@@ -174,7 +185,9 @@ def _label_centre(labels: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(np.rint(c)) for c in foreground.mean(axis=0))
 
 
-def _overlay(gray: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, height: int) -> Image.Image:
+def _overlay(
+    gray: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, height: int, unsure: np.ndarray | None = None
+) -> Image.Image:
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
     for value in np.unique(labels):
         if value == 0:
@@ -182,5 +195,10 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float,
         colour = np.array(PALETTE[(int(value) - 1) % len(PALETTE)], dtype=np.float32)
         mask = labels == value
         rgb[mask] = 0.55 * rgb[mask] + 0.45 * colour
+    if unsure is not None:
+        checker = (np.indices(unsure.shape).sum(axis=0) % 2) == 0
+        strength = 0.35 + 0.55 * unsure.astype(np.float32) / 255
+        alpha = np.where((unsure >= UNSURE_FROM) & checker, strength, 0.0)[..., None]
+        rgb = (1 - alpha) * rgb + alpha * np.array(UNSURE_COLOUR, dtype=np.float32)
     width = max(1, round(height * (gray.shape[1] * col_mm) / (gray.shape[0] * row_mm)))
     return Image.fromarray(rgb.astype(np.uint8)).resize((width, height), Image.Resampling.NEAREST)

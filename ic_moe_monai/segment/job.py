@@ -346,14 +346,16 @@ def _run_cases(job: JobContext, todo: list[tuple[Case, CaseResult]], num_workers
                 image, data, result.seconds["load"] = loaded
                 result.slices = int(data["image"].shape[-1])
                 start = time.monotonic()
-                labels = job.segmenter.predict(data, progress=None if quiet else on_batch)
+                preview = "preview" in result.outputs
+                labels = job.segmenter.predict(data, progress=None if quiet else on_batch, uncertainty=preview)
+                unsure = job.segmenter.last_uncertainty if preview else None
                 result.seconds["inference"] = round(time.monotonic() - start, 3)
                 quality = job.segmenter.last_quality
                 result.quality = None if quality is None else quality.as_dict()
                 del data
                 needs_image = "statistics_json" in result.outputs or "preview" in result.outputs
                 writer.submit(_finish_case, case, result, image if needs_image else None, labels, job.segmenter,
-                              progress_cases, lock, job.push)  # fmt: skip
+                              progress_cases, lock, job.push, unsure)  # fmt: skip
             except Exception as err:  # one bad case must not stop the batch
                 _fail(case, result, err, remove_outputs=lock is not None)
                 if lock is not None:
@@ -372,11 +374,12 @@ def _finish_case(
     progress: Any,
     lock: CaseLock | None,
     push: DicomwebClient | None = None,
+    uncertainty: Any = None,
 ) -> None:
     """Write one case's outputs (in the writing thread), record how it went, and release the case."""
     try:
         start = time.monotonic()
-        write_outputs(case, result, image, labels, seg, push)
+        write_outputs(case, result, image, labels, seg, push, uncertainty)
         result.seconds["write"] = round(time.monotonic() - start, 3)
         logger.info("%s: done (%s)", case.name, ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     except Exception as err:  # one bad case must not stop the batch

@@ -62,10 +62,12 @@ def write_outputs(
     labels: MetaTensor,
     seg: BundleSegmenter,
     push: DicomwebClient | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> None:
     """All requested outputs of one case; the NIfTI labelmap last, as the mark of a finished case. A DICOM SEG that
     cannot be made is a note on the case, whose other outputs are still written, unless it is to be pushed: then
-    the case fails, as it does when the server does not store it."""
+    the case fails, as it does when the server does not store it. ``uncertainty``: where the network was unsure
+    (:attr:`BundleSegmenter.last_uncertainty`), drawn on the preview."""
     label_array = np.asarray(labels[0], dtype=np.uint8)  # keeps the labelmap's memory order (NIfTI's, x fastest)
     affine = np.asarray(labels.affine, dtype=np.float64)
     outputs = result.outputs
@@ -89,7 +91,7 @@ def write_outputs(
         if "preview" in outputs:
             flagged = bool(result.quality and result.quality["flagged"])
             write_preview(np.asarray(image), label_array, affine, outputs["preview"], seg.label_names,
-                          caption=quality_caption(result.quality), alert=flagged)  # fmt: skip
+                          caption=quality_caption(result.quality), alert=flagged, uncertainty=uncertainty)  # fmt: skip
     if push is not None and "pushed" in outputs:
         _push_seg(case, Path(outputs["dicom_seg"]), Path(outputs["pushed"]), push)
     with _writing("the labelmap", case):
