@@ -140,6 +140,8 @@ def test_init_bundle_takes_labels_and_modality_from_dataset_json(tmp_path, ct_ta
     assert not missing_headings((bundle / "docs" / "README.md").read_text())
     assert "liver" in (bundle / "docs" / "README.md").read_text() and (bundle / "LICENSE").is_file()
     assert not (bundle / "large_files.yml").exists()  # lite needs no SAM checkpoint
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "### Quality score" in card and "models/quality.json" in card  # how the user's own bundle gets scores
 
 
 def test_init_bundle_medsam_lite_takes_its_encoder_from_the_package(tmp_path, ct_task):

@@ -125,6 +125,16 @@ A labelmap (uint8) with the input's shape and affine:
 Not measured yet: train, then run evaluating (below); `export_bundle` fills this table from `eval/metrics_summary.json`.
 {PERFORMANCE_END}
 
+### Quality score
+
+Every segmentation of this bundle can say how far to trust it: an estimate of the Dice a reviewer would give each
+case and label (0 … 1), from the network's own probabilities, and a flag with reasons for a case unlike the ones it
+was calibrated on (another modality, body region or orientation, noise, blur). `run evaluating` fits it on the
+evaluated cases and writes `models/quality.json`; until then this bundle gives no scores. `segment` writes the
+score into `report.json` and `quality.csv` (worst first; `--qc_threshold` sets what is flagged), the `--preview`
+image shows it with where the network was unsure, and MONAI Label's answer carries it in its params. Fitted on
+few validation cases, the estimate ranks cases only roughly: review the flagged ones and the lowest scores first.
+
 ## MONAI Bundle Commands
 
 Run from the folder that holds the bundle (`BUNDLE` is its folder name).
