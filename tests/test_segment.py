@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ic_moe_monai.io import writers
+from ic_moe_monai.io import atomic, writers
 from ic_moe_monai.segment import segment
 
 from .conftest import REPO_ROOT
@@ -175,10 +175,10 @@ def test_interrupted_write_leaves_no_partial_file_and_resumes(tmp_path, threshol
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(writers.os, "replace", replace_then_die)
+    monkeypatch.setattr(atomic.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(studies, tmp_path / "out", threshold_config)
-    monkeypatch.setattr(writers.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]  # no partial file, no report yet
     (out / ".case1.nii.gz.partial.nii.gz").write_bytes(b"left by a killed run")

@@ -22,7 +22,7 @@ import pytest
 
 from ic_moe_monai.cli import main
 from ic_moe_monai.inference.predictor import BundleSegmenter
-from ic_moe_monai.io import writers
+from ic_moe_monai.io import atomic, writers
 from ic_moe_monai.segment import SKIPPED_BUSY, SKIPPED_EXISTS, SKIPPED_NOTHING, UsageError, segment
 from ic_moe_monai.segment import outputs as segment_outputs
 
@@ -244,7 +244,7 @@ def test_write_errors_fail_their_case_and_the_report_still_comes(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(src))
         real_replace(src, dst)
 
-    monkeypatch.setattr(writers.os, "replace", disk_full)
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     report = _run(studies, out, threshold_config, statistics=True)
     status = {c.name: c for c in report.cases}
     assert [status[f"case{i}"].status for i in range(3)] == ["done", "failed", "done"]

@@ -52,11 +52,11 @@ def test_info_and_automatic_inference(server, tmp_path):
 
 def test_the_answer_carries_the_quality_score(server):
     """A viewer can show how far to trust the answer: its params hold the case's quality (the shipped bundle is
-    calibrated), the same for the automatic answer and a refined one of the same image."""
+    calibrated), for both models, the same for the automatic answer and a refined one of the same image."""
     answers = []
-    for params in ({}, {"foreground": [[10, 20, 15]], "label": "anterior"}):
-        answer = requests.post(f"{server.url}/infer/ic_moe_interactive",
-                               params={"image": "hippocampus_003", "output": "json"},
+    for model, params in (("ic_moe_interactive", {}), ("ic_moe_interactive", {"foreground": [[10, 20, 15]],
+                                                                             "label": "anterior"}), ("ic_moe", {})):
+        answer = requests.post(f"{server.url}/infer/{model}", params={"image": "hippocampus_003", "output": "json"},
                                files={"params": (None, json.dumps(params))}, timeout=300)  # fmt: skip
         assert answer.status_code == 200, answer.text[:500]
         answers.append(answer.json()["quality"])
@@ -64,6 +64,7 @@ def test_the_answer_carries_the_quality_score(server):
     assert 0.0 <= quality["score"] <= 1.0 and set(quality["labels"]) == {"anterior", "posterior"}
     assert isinstance(quality["flagged"], bool) and isinstance(quality["reasons"], list)
     assert answers[1] == quality  # the score is of the automatic answer, which clicks refine
+    assert answers[2]["score"] == pytest.approx(quality["score"], abs=0.05)  # the bundle task: the same network
 
 
 def test_clicks_refine_near_them_and_second_click_is_fast(server, tmp_path):

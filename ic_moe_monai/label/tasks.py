@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from ic_moe_monai.inference.inferers import SliceContextInferer
+from ic_moe_monai.inference.predictor import _quality_calibration
+from ic_moe_monai.inference.quality import QualityCalibration
+from ic_moe_monai.inference.quality_signals import geometry_signals
 from ic_moe_monai.io.guards import ImageError, _one_line
 from ic_moe_monai.io.writers import write_nifti_labels
 from ic_moe_monai.label.interactive import MAX_CLICKS, InteractiveSegmenter
@@ -84,12 +89,39 @@ class AutomaticInferTask(BundleInferTask):
     - ``/info`` reports dimension 3: the task takes and returns volumes (MONAI Label reads 2 off the network's
       64 × 64 slice input);
     - an image the pre-transforms cannot load (corrupt, truncated, an unsupported layout) raises an
-      :class:`ImageError` with one line, which the app answers with 422.
+      :class:`ImageError` with one line, which the app answers with 422;
+    - with a quality calibration in the bundle (``models/quality.json``, fitted by ``run evaluating`` for these
+      weights), the answer's params carry the case's ``quality`` (:meth:`CaseQuality.as_dict
+      <ic_moe_monai.inference.quality.CaseQuality.as_dict>`), as ``segment``'s report does.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dimension = 3
+        self._calibration = self._read_calibration() if getattr(self, "valid", False) else None
+        self._inferer_used: Any = None
+        self._one_at_a_time = threading.Lock()  # the inferer's signals are of the last volume it segmented
+
+    def _read_calibration(self) -> QualityCalibration | None:
+        bundle = Path(self.bundle_path)
+        return _quality_calibration(bundle, self.bundle_config, bundle / "models" / "model.pt")
+
+    def inferer(self, data: Any = None) -> Any:
+        inferer = super().inferer(data)
+        if self._calibration is not None and isinstance(inferer, SliceContextInferer):
+            inferer.quality = True
+        self._inferer_used = inferer
+        return inferer
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        with self._one_at_a_time:
+            data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+            signals = getattr(self._inferer_used, "last_signals", None) if self._calibration is not None else None
+            if signals:
+                image = data[self.input_key]
+                measured = geometry_signals(signals[0], image.affine, image.shape[1:], self._inferer_used.slice_axis)
+                data["result"] = {**(data.get("result") or {}), "quality": self._calibration.assess(measured).as_dict()}
+        return data
 
     def run_pre_transforms(self, data: dict[str, Any], transforms: Any) -> dict[str, Any]:
         try:
