@@ -305,7 +305,7 @@ def test_export_of_the_shipped_bundle_is_zoo_shaped(tmp_path):
     assert metadata["torchscript"]["script"] is False and metadata["torchscript"]["trace"] is True
     card = (out / "docs" / "README.md").read_text()
     assert not missing_headings(card) and "torch.jit.script" in card
-    assert "](../" not in card and "the project's `docs/pacs.md`" in card  # no link out of the copy
+    assert "](../" not in card and "docs/pacs.md gives the setup" in card  # no link out of the copy, the page named
     listed = (out / "large_files.yml").read_text()
     assert f'hash_val: "{_md5(BUNDLE / "models" / "model.pt")}"' in listed and "models/model.pt" in listed
     assert (out / "scripts" / "networks" / "ic_moe.py").is_file() and (out / "sample_data").is_dir()
@@ -433,3 +433,12 @@ def test_ctrl_c_in_the_training_command_stops_cleanly_and_the_same_command_resum
     assert "training finished after epoch 3: best val_mean_dice" in log
     assert sorted(p.name for p in (bundle / "models").glob("checkpoint*")) == ["checkpoint_epoch=2.pt",
                                                                                "checkpoint_epoch=3.pt"]  # fmt: skip
+
+
+def test_links_out_of_an_exported_bundle_become_the_page_they_name():
+    from ic_moe_monai.bundles.export import _without_outside_links
+
+    card = "see [docs/pacs.md](../../docs/pacs.md), [the setup](../../docs/pacs.md#orthanc) and [licence](LICENSE)"
+    assert _without_outside_links(card) == (
+        "see docs/pacs.md, the setup (the project's `docs/pacs.md#orthanc`) and [licence](LICENSE)"
+    )
