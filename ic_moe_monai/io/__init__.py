@@ -1,4 +1,6 @@
-"""Input discovery, guarded reading and output writing for batch segmentation."""
+"""Input and output: discovery of cases and DICOM series (``discovery``), guarded reading (``guards``, ``readers``,
+``dicom_series``), outputs written whole or not at all (``atomic``, ``writers``, ``dicom_seg``, ``saving``) and a PACS
+over DICOMweb (``dicomweb``, ``dicomweb_series``)."""
 
 from ic_moe_monai.io.dicom_series import read_dicom_series
 from ic_moe_monai.io.discovery import Case, Skipped, discover_cases

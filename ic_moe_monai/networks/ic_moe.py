@@ -9,14 +9,15 @@ trained with label-consistency routing, load balancing and semantic-guided contr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ic_moe_monai.errors import ConfigError, config_flag
+from ic_moe_monai.errors import config_flag
+from ic_moe_monai.networks.block_loop import compile_setting, compiled_run_blocks, run_blocks
 from ic_moe_monai.networks.caching import forget, reuse_while_unchanged
 from ic_moe_monai.networks.decoder_blocks import two_way_transformer
 from ic_moe_monai.networks.detail_branch import DetailBranch
@@ -137,7 +138,7 @@ class ICMoE(nn.Module):
         self.in_channels = in_channels
         self.encoder_name = encoder
         self.window_size = window_size
-        self.compile_blocks = _compile_setting(compile_blocks)
+        self.compile_blocks = compile_setting(compile_blocks)
 
         self.tiny_vit = encoder in TINY_VIT_ENCODERS
         if self.tiny_vit and img_size % cfg.patch_size:
@@ -283,9 +284,9 @@ class ICMoE(nn.Module):
         self, tokens: torch.Tensor, start: int, experts: bool, block_done: bool = False
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Blocks ``start`` … on ``tokens``; with ``block_done``, ``tokens`` are block ``start``'s output already."""
-        run = _run_blocks
+        run = run_blocks
         if self.compile_blocks and not torch.jit.is_tracing():
-            run = _compiled_run_blocks(self.compile_blocks)
+            run = compiled_run_blocks(self.compile_blocks)
         return run(self, tokens, experts, start, block_done)
 
     def encode(self, x: torch.Tensor, experts: bool = True) -> torch.Tensor:
@@ -475,21 +476,6 @@ class ICMoE(nn.Module):
         return out
 
 
-def _run_blocks(
-    model: ICMoE, tokens: torch.Tensor, experts: bool, start: int = 0, block_done: bool = False
-) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """The encoder's blocks from ``start`` on tokens ``(B, h, w, D)``, each followed by its IC-MoE layer if it has
-    one (and, in a TinyViT, by its stage's patch merging if it ends a stage); with ``block_done``, ``tokens`` are
-    block ``start``'s output already (a cached trunk)."""
-    aux = []
-    for i in range(start, ENCODER_CONFIGS[model.encoder_name].depth):
-        if not (block_done and i == start):
-            tokens = model._block(i, tokens)
-        if experts and str(i) in model.moe_layers:
-            tokens, layer_aux = model.moe_layers[str(i)](tokens)
-            aux.append(layer_aux)
-        tokens = model._after_block(i, tokens)
-    return tokens, aux
 
 
 def _drop_packaged_encoder(module: ICMoE, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -511,16 +497,8 @@ def _allow_packaged_encoder(module: ICMoE, incompatible: object) -> None:
         missing.remove(key)
 
 
-_COMPILED_RUN_BLOCKS: dict[str, Callable] = {}
 
 
-def _compiled_run_blocks(mode: bool | str) -> Callable:
-    """:func:`_run_blocks` through ``torch.compile``, compiled on first use. A function of the model rather than a
-    bound method, so that copies of a model (``copy.deepcopy``) never call into the original."""
-    mode = "default" if mode is True else str(mode)
-    if mode not in _COMPILED_RUN_BLOCKS:
-        _COMPILED_RUN_BLOCKS[mode] = torch.compile(_run_blocks, mode=mode)
-    return _COMPILED_RUN_BLOCKS[mode]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -530,9 +508,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _compile_setting(value: bool | str) -> bool | str:
-    """``compile_blocks`` as given: on/off words (``"false"`` from a command line) as a bool, else a compile mode."""
-    try:
-        return config_flag(value, "compile_blocks")
-    except ConfigError:
-        return value
