@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, public_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-PROFILES = {"lite": "lite.json", "sam_vit_b": "sam_vit_b.json"}
+PROFILES = {"lite": "lite.json", "medsam_lite": "medsam_lite.json", "sam_vit_b": "sam_vit_b.json"}
 
 
 # ------------------------------------------------------------------------------------------------ timing
