@@ -19,18 +19,8 @@ from monai.data import MetaTensor
 from ic_moe_monai.inference.predictor import BundleSegmenter
 from ic_moe_monai.io import Case, Skipped, discover_cases
 from ic_moe_monai.io.atomic import exclusive_lock, run_id
-from ic_moe_monai.io.dicomweb import (
-    DicomwebClient,
-    is_dicomweb_url,
-)
+from ic_moe_monai.io.dicomweb import DicomwebClient, is_dicomweb_url
 from ic_moe_monai.io.saving import BackgroundWriter
-
-try:  # progress bars are a convenience: without tqdm the run is the same, silent
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-except ImportError:  # pragma: no cover - tqdm is in requirements.txt
-    tqdm = None
-
 from ic_moe_monai.segment.errors import case_error
 from ic_moe_monai.segment.loader import CaseLoader, progress_bar
 from ic_moe_monai.segment.locks import REPORT_LOCK, CaseLock, is_finished
@@ -68,6 +58,12 @@ from ic_moe_monai.segment.report import (
     write_run_files,
 )
 from ic_moe_monai.segment.run_state import JobContext
+
+try:  # progress bars are a convenience: without tqdm the run is the same, silent
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+except ImportError:  # pragma: no cover - tqdm is in requirements.txt
+    tqdm = None
 
 logger = logging.getLogger(__package__)
 

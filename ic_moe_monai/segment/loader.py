@@ -12,15 +12,14 @@ from monai.data import MetaTensor
 
 from ic_moe_monai.inference.predictor import load_case
 from ic_moe_monai.io import Case
+from ic_moe_monai.segment.locks import CaseLock, claim_case
+from ic_moe_monai.segment.report import CaseResult
+from ic_moe_monai.segment.run_state import JobContext
 
 try:  # progress bars are a convenience: without tqdm the run is the same, silent
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
-
-from ic_moe_monai.segment.locks import CaseLock, claim_case
-from ic_moe_monai.segment.report import CaseResult
-from ic_moe_monai.segment.run_state import JobContext
 
 
 class _NoBar:

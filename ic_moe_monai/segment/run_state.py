@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ic_moe_monai.inference.predictor import BundleSegmenter
-from ic_moe_monai.io.dicomweb import (
-    DicomwebClient,
-)
+from ic_moe_monai.io.dicomweb import DicomwebClient
 from ic_moe_monai.segment.logs import ReaderNotes
 
 
