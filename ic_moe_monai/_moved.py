@@ -22,7 +22,15 @@ import re
 import sys
 from types import ModuleType
 
-__all__ = ["MOVED_MODULES", "MOVED_NAMES", "MovedModuleFinder", "current_paths", "install", "moved_attribute"]
+__all__ = [
+    "MOVED_MODULES",
+    "MOVED_NAMES",
+    "MovedModuleFinder",
+    "current_paths",
+    "install",
+    "moved_attribute",
+    "moved_name",
+]
 
 PACKAGE = "ic_moe_monai"
 
@@ -103,6 +111,19 @@ MOVED_NAMES: dict[str, str] = {
     **{f"io.dicomweb.{name}": f"io.dicomweb_series.{name}"
        for name in ("find_series", "retrieve_series", "stored_receipt")},
 }  # fmt: skip
+
+
+def moved_name(module: str, name: str) -> object:
+    """The module ``__getattr__`` of a module that was split: ``module.name`` for a name :data:`MOVED_NAMES` says
+    left ``module`` (given by its current dotted path), imported from its new module on first use."""
+    for old, new in MOVED_NAMES.items():
+        old_module, old_name = old.rsplit(".", 1)
+        if old_name == name and f"{PACKAGE}.{MOVED_MODULES.get(old_module, old_module)}" == module:
+            new_module, new_name = new.rsplit(".", 1)
+            return getattr(importlib.import_module(f"{PACKAGE}.{new_module}"), new_name)
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
 _OLD_NAME = re.compile(rf"\b{PACKAGE}\.({'|'.join(re.escape(n) for n in MOVED_NAMES)})(?![A-Za-z0-9_])")
 _OLD_PATH = re.compile(rf"\b{PACKAGE}\.({'|'.join(_RENAMED_IN_TEXT)})(?![A-Za-z0-9_])")
 

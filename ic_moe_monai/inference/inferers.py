@@ -208,7 +208,8 @@ class SliceContextInferer(Inferer):
         labels, unsure = [], []
         for part in logits.split(step):
             labels.append(self._labels(_resize(part, native), run))
-            unsure.append(run.unsure)
+            if run.uncertainty:
+                unsure.append(run.unsure)
         if run.uncertainty:
             run.unsure = torch.cat(unsure)
         return torch.cat(labels)

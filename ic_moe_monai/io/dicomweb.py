@@ -43,6 +43,7 @@ import pydicom
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from ic_moe_monai._moved import moved_name
 from ic_moe_monai.io.guards import format_bytes
 
 __all__ = [
@@ -467,13 +468,6 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-_MOVED_TO_SERIES = ("find_series", "retrieve_series", "stored_receipt")
-
-
 def __getattr__(name: str) -> Any:
     # moved to dicomweb_series, which imports this module: imported on first use, not at import
-    if name in _MOVED_TO_SERIES:
-        from ic_moe_monai.io import dicomweb_series
-
-        return getattr(dicomweb_series, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return moved_name(__name__, name)

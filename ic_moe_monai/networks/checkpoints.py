@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointLoader
 
+from ic_moe_monai._moved import moved_name
 from ic_moe_monai.data.transforms import ct_window, modality_name
 from ic_moe_monai.errors import ConfigError
 
@@ -329,14 +330,7 @@ def refuse_shipped_model(ckpt_dir: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------------ fine-tuning
 
 
-_MOVED_TO_FINE_TUNING = ("FineTuneReport", "load_pretrained_weights", "read_state_dict")
-
-
 def __getattr__(name: str) -> Any:
-    # configs written before fine-tuning had a module of its own name it here
-    if name in _MOVED_TO_FINE_TUNING:
-        from ic_moe_monai.networks import fine_tuning
-
-        return getattr(fine_tuning, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # configs written before fine-tuning had a module of its own name it here (``networks.fine_tuning``)
+    return moved_name(__name__, name)
 
